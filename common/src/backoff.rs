@@ -1,0 +1,60 @@
+//! Exponential back-off with jitter, for reconnect loops.
+
+use std::time::Duration;
+
+/// Doubles the delay on each failure up to a cap; `reset` after a success.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial,
+            max,
+            current: initial,
+        }
+    }
+
+    /// The delay to wait now; the next one is longer.
+    pub fn next_delay(&mut self) -> Duration {
+        let delay = self.current;
+        self.current = (self.current * 2).min(self.max);
+        // Up to 20% jitter so that many nodes don't reconnect in lock-step.
+        let jitter_ms = (delay.as_millis() as u64 / 5).max(1);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() as u64)
+            .unwrap_or(0);
+        delay + Duration::from_millis(nanos % jitter_ms)
+    }
+
+    pub fn reset(&mut self) {
+        self.current = self.initial;
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new(Duration::from_millis(100), Duration::from_secs(5))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grows_to_the_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(400));
+        let d: Vec<_> = (0..4).map(|_| b.next_delay()).collect();
+        assert!(d[0] >= Duration::from_millis(100) && d[0] < Duration::from_millis(120));
+        assert!(d[1] >= Duration::from_millis(200) && d[1] < Duration::from_millis(240));
+        assert!(d[3] >= Duration::from_millis(400) && d[3] < Duration::from_millis(480));
+        b.reset();
+        assert!(b.next_delay() < Duration::from_millis(120));
+    }
+}

@@ -1,0 +1,45 @@
+//! gRPC client channels to other weft services, over TCP or a unix socket.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint};
+
+/// How long a connection attempt may take before the call fails.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A channel that connects on first use and reconnects after failures, so a
+/// service can start before the services it talks to.
+///
+/// `target` is `http://host:port`, `host:port`, or `unix:///path/to.sock`.
+pub fn lazy_channel(target: &str) -> anyhow::Result<Channel> {
+    if let Some(path) = target.strip_prefix("unix://") {
+        let path = PathBuf::from(path);
+        // The URI is required by the API but unused: the connector dials the socket.
+        let endpoint = Endpoint::from_static("http://[::1]:50051").connect_timeout(CONNECT_TIMEOUT);
+        return Ok(
+            endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
+                let path = path.clone();
+                async move {
+                    tokio::net::UnixStream::connect(path)
+                        .await
+                        .map(TokioIo::new)
+                }
+            })),
+        );
+    }
+    let uri = if target.contains("://") {
+        target.to_string()
+    } else {
+        format!("http://{target}")
+    };
+    let endpoint = Endpoint::from_shared(uri)
+        .with_context(|| format!("{target:?} is not a gRPC endpoint"))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
+    Ok(endpoint.connect_lazy())
+}

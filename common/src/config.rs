@@ -1,0 +1,45 @@
+//! Flags every long-running service takes, each with an environment fallback.
+
+use std::net::SocketAddr;
+
+/// Flags shared by every service; flatten into the service's own `Args`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonArgs {
+    /// Address of the Prometheus `/metrics` endpoint; empty disables it.
+    #[arg(long, env = "WEFT_METRICS_LISTEN", default_value = "")]
+    pub metrics_listen: String,
+
+    /// Log format: `text` for people, `json` for log pipelines.
+    #[arg(long, env = "WEFT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+
+    /// Log filter in `tracing` syntax, e.g. `info` or `info,datapath_svc=debug`.
+    #[arg(long, env = "WEFT_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// OTLP/gRPC endpoint to export traces to, e.g. `http://collector:4317`;
+    /// empty disables tracing export.
+    #[arg(long, env = "WEFT_OTLP_ENDPOINT", default_value = "")]
+    pub otlp_endpoint: String,
+
+    /// Validate the flags and exit without starting.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+impl CommonArgs {
+    /// The metrics address, if one is configured.
+    pub fn metrics_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        parse_optional_addr("--metrics-listen", &self.metrics_listen)
+    }
+}
+
+/// Parses an optional `host:port`, naming the flag in the error.
+pub fn parse_optional_addr(flag: &str, value: &str) -> anyhow::Result<Option<SocketAddr>> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    value.parse().map(Some).map_err(|e| {
+        anyhow::anyhow!("{flag}: {value:?} is not an address of the form ip:port: {e}")
+    })
+}
