@@ -16,3 +16,4 @@ pub mod netns;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod watch;
