@@ -1,0 +1,65 @@
+/* Prints the size and field offsets of every map key and value, as Rust
+ * source, so a test can check datapath-svc/src/maps.rs against the C side.
+ * Built and run on the host by build.rs. */
+#define WEFT_LAYOUT_PROBE
+#include <stddef.h>
+#include <stdio.h>
+
+#include "lib/conntrack.h"
+#include "lib/lb.h"
+#include "lib/metrics.h"
+
+#define STRUCT(s) printf("    (\"%s\", %zu, &[", #s, sizeof(struct s))
+#define FIELD(s, f) printf("(\"%s\", %zu), ", #f, offsetof(struct s, f))
+#define END() printf("]),\n")
+
+int main(void)
+{
+	printf("/// (struct, size, [(field, offset)]) as the C compiler lays them out.\n");
+	printf("pub(crate) const C_LAYOUT: &[(&str, usize, &[(&str, usize)])] = &[\n");
+	STRUCT(lb4_key);
+	FIELD(lb4_key, address);
+	FIELD(lb4_key, dport);
+	FIELD(lb4_key, backend_slot);
+	FIELD(lb4_key, proto);
+	FIELD(lb4_key, scope);
+	END();
+	STRUCT(lb4_service);
+	FIELD(lb4_service, backend_id);
+	FIELD(lb4_service, count);
+	FIELD(lb4_service, rev_nat_index);
+	FIELD(lb4_service, flags);
+	FIELD(lb4_service, algorithm);
+	END();
+	STRUCT(lb4_backend);
+	FIELD(lb4_backend, address);
+	FIELD(lb4_backend, port);
+	FIELD(lb4_backend, proto);
+	FIELD(lb4_backend, flags);
+	END();
+	STRUCT(lb4_reverse_nat);
+	FIELD(lb4_reverse_nat, address);
+	FIELD(lb4_reverse_nat, port);
+	END();
+	STRUCT(ct4_key);
+	FIELD(ct4_key, saddr);
+	FIELD(ct4_key, daddr);
+	FIELD(ct4_key, sport);
+	FIELD(ct4_key, dport);
+	FIELD(ct4_key, proto);
+	END();
+	STRUCT(ct4_entry);
+	FIELD(ct4_entry, last_seen);
+	FIELD(ct4_entry, backend_id);
+	FIELD(ct4_entry, address);
+	FIELD(ct4_entry, port);
+	FIELD(ct4_entry, rev_nat_index);
+	FIELD(ct4_entry, flags);
+	END();
+	STRUCT(metrics_value);
+	FIELD(metrics_value, packets);
+	FIELD(metrics_value, bytes);
+	END();
+	printf("];\n");
+	return 0;
+}

@@ -1,0 +1,210 @@
+//! The Rust side of every map key and value the eBPF programs use.
+//!
+//! Each struct mirrors one in `bpf/lib/*.h`; `layout_matches_c` compares
+//! sizes and offsets against what the C compiler produced, so a change on one
+//! side that is not made on the other fails the build's tests. Addresses and
+//! ports are stored in network byte order, as the packets carry them.
+
+use std::net::Ipv4Addr;
+
+/// Map names, as pinned under the node's bpffs directory.
+pub mod names {
+    pub const LB4_SERVICES: &str = "weft_lb4_services";
+    pub const LB4_BACKENDS: &str = "weft_lb4_backends";
+    pub const LB4_REVERSE_NAT: &str = "weft_lb4_reverse_nat";
+    pub const CT4_SERVICES: &str = "weft_ct4_services";
+    pub const CT4_REVERSE: &str = "weft_ct4_reverse";
+    pub const METRICS: &str = "weft_metrics";
+}
+
+/// `lb4_service.flags`
+pub mod svc_flags {
+    pub const CLUSTER_IP: u8 = 1 << 0;
+    pub const NODE_PORT: u8 = 1 << 1;
+    pub const EXTERNAL_IP: u8 = 1 << 2;
+    pub const LOAD_BALANCER: u8 = 1 << 3;
+    pub const HOST_PORT: u8 = 1 << 4;
+}
+
+/// `lb4_backend.flags`
+pub mod backend_flags {
+    pub const TERMINATING: u8 = 1 << 0;
+}
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Lb4Key {
+    pub address: u32,
+    pub dport: u16,
+    pub backend_slot: u16,
+    pub proto: u8,
+    pub scope: u8,
+    pub pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Lb4Service {
+    pub backend_id: u32,
+    pub count: u16,
+    pub rev_nat_index: u16,
+    pub flags: u8,
+    pub algorithm: u8,
+    pub pad: u16,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Lb4Backend {
+    pub address: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub flags: u8,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Lb4ReverseNat {
+    pub address: u32,
+    pub port: u16,
+    pub pad: u16,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Ct4Key {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Ct4Entry {
+    pub last_seen: u64,
+    pub backend_id: u32,
+    pub address: u32,
+    pub port: u16,
+    pub rev_nat_index: u16,
+    pub flags: u8,
+    pub pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MetricsValue {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+// SAFETY: every type above is #[repr(C)], made only of integers, with
+// explicit padding fields, so any bit pattern is valid and none is
+// uninitialised.
+unsafe impl aya::Pod for Lb4Key {}
+unsafe impl aya::Pod for Lb4Service {}
+unsafe impl aya::Pod for Lb4Backend {}
+unsafe impl aya::Pod for Lb4ReverseNat {}
+unsafe impl aya::Pod for Ct4Key {}
+unsafe impl aya::Pod for Ct4Entry {}
+unsafe impl aya::Pod for MetricsValue {}
+
+/// Packet outcomes counted in `weft_metrics`; mirrors `enum weft_reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Reason {
+    Passed = 0,
+    LbTranslated = 1,
+    LbReversed = 2,
+    NoBackend = 3,
+    Malformed = 4,
+    CsumError = 5,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 6] = [
+        Reason::Passed,
+        Reason::LbTranslated,
+        Reason::LbReversed,
+        Reason::NoBackend,
+        Reason::Malformed,
+        Reason::CsumError,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::Passed => "passed",
+            Reason::LbTranslated => "lb_translated",
+            Reason::LbReversed => "lb_reversed",
+            Reason::NoBackend => "no_backend",
+            Reason::Malformed => "malformed",
+            Reason::CsumError => "csum_error",
+        }
+    }
+}
+
+/// Network-order helpers: the maps hold addresses and ports as the wire does.
+pub fn be_addr(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+pub fn addr_from_be(raw: u32) -> Ipv4Addr {
+    Ipv4Addr::from(raw.to_ne_bytes())
+}
+
+pub fn be_port(port: u16) -> u16 {
+    port.to_be()
+}
+
+pub fn port_from_be(raw: u16) -> u16 {
+    u16::from_be(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::{offset_of, size_of};
+
+    include!(concat!(env!("OUT_DIR"), "/layout.rs"));
+
+    fn rust_layout(name: &str) -> (usize, Vec<(&'static str, usize)>) {
+        macro_rules! layout {
+            ($t:ty, $($f:ident),*) => {
+                (size_of::<$t>(), vec![$((stringify!($f), offset_of!($t, $f))),*])
+            };
+        }
+        match name {
+            "lb4_key" => layout!(Lb4Key, address, dport, backend_slot, proto, scope),
+            "lb4_service" => layout!(Lb4Service, backend_id, count, rev_nat_index, flags, algorithm),
+            "lb4_backend" => layout!(Lb4Backend, address, port, proto, flags),
+            "lb4_reverse_nat" => layout!(Lb4ReverseNat, address, port),
+            "ct4_key" => layout!(Ct4Key, saddr, daddr, sport, dport, proto),
+            "ct4_entry" => layout!(Ct4Entry, last_seen, backend_id, address, port, rev_nat_index, flags),
+            "metrics_value" => layout!(MetricsValue, packets, bytes),
+            other => panic!("no Rust mirror for C struct {other}"),
+        }
+    }
+
+    #[test]
+    fn layout_matches_c() {
+        for (name, size, fields) in C_LAYOUT {
+            let (rust_size, rust_fields) = rust_layout(name);
+            assert_eq!(rust_size, *size, "size of {name}");
+            assert_eq!(rust_fields.as_slice(), *fields, "field offsets of {name}");
+        }
+    }
+
+    #[test]
+    fn byte_order_round_trips() {
+        let ip = Ipv4Addr::new(10, 96, 0, 10);
+        assert_eq!(be_addr(ip).to_ne_bytes(), [10, 96, 0, 10]);
+        assert_eq!(addr_from_be(be_addr(ip)), ip);
+        assert_eq!(be_port(8080).to_ne_bytes(), [0x1f, 0x90]);
+        assert_eq!(port_from_be(be_port(8080)), 8080);
+    }
+}

@@ -1,0 +1,155 @@
+//! Where allocations live between runs.
+//!
+//! The allocator only speaks [`CidrStore`]: today a sled database under the
+//! state directory, later Kubernetes custom resources (with sled as the local
+//! cache). A backend's `commit` returns only once the writes are durable, and
+//! the service acknowledges nothing before that.
+
+use std::{future::Future, path::Path};
+
+use ipnet::Ipv4Net;
+use weft_common::store::{MsgTree, Store, StoreError as SledError};
+use weft_proto::ipam::v1::NodeAllocation;
+
+/// One write to the allocation table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CidrOp {
+    Put { node: String, cidr: Ipv4Net },
+    Remove { node: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Sled(#[from] SledError),
+    #[error("stored allocation of node {node:?} has an invalid CIDR {cidr:?}")]
+    BadRecord { node: String, cidr: String },
+}
+
+/// Durable storage of node → CIDR allocations.
+pub trait CidrStore: Send + Sync + 'static {
+    /// Every allocation on record.
+    fn load(&self) -> impl Future<Output = Result<Vec<(String, Ipv4Net)>, StoreError>> + Send;
+
+    /// Applies `ops` in order and returns once they are durable.
+    fn commit(&self, ops: &[CidrOp]) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// The sled backend: one tree, node name → `NodeAllocation`.
+#[derive(Clone)]
+pub struct SledCidrStore {
+    store: Store,
+    nodes: MsgTree<NodeAllocation>,
+}
+
+impl SledCidrStore {
+    pub const TREE: &'static str = "node_cidrs";
+
+    /// Opens (or creates) the database in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::from_store(Store::open(dir)?)
+    }
+
+    pub fn from_store(store: Store) -> Result<Self, StoreError> {
+        let nodes = store.tree(Self::TREE)?;
+        Ok(Self { store, nodes })
+    }
+}
+
+impl CidrStore for SledCidrStore {
+    async fn load(&self) -> Result<Vec<(String, Ipv4Net)>, StoreError> {
+        self.nodes
+            .entries()?
+            .into_iter()
+            .map(|(_, a)| match a.cidr.parse::<Ipv4Net>() {
+                Ok(cidr) => Ok((a.node, cidr)),
+                Err(_) => Err(StoreError::BadRecord {
+                    node: a.node,
+                    cidr: a.cidr,
+                }),
+            })
+            .collect()
+    }
+
+    async fn commit(&self, ops: &[CidrOp]) -> Result<(), StoreError> {
+        for op in ops {
+            match op {
+                CidrOp::Put { node, cidr } => self.nodes.insert(
+                    node,
+                    &NodeAllocation {
+                        node: node.clone(),
+                        cidr: cidr.to_string(),
+                    },
+                )?,
+                CidrOp::Remove { node } => {
+                    self.nodes.remove(node)?;
+                }
+            }
+        }
+        self.store.flush().await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().expect("test CIDR")
+    }
+
+    #[tokio::test]
+    async fn allocations_survive_reopening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let s = SledCidrStore::open(dir.path()).expect("open");
+            s.commit(&[
+                CidrOp::Put {
+                    node: "a".into(),
+                    cidr: net("10.244.0.0/24"),
+                },
+                CidrOp::Put {
+                    node: "b".into(),
+                    cidr: net("10.244.1.0/24"),
+                },
+                CidrOp::Put {
+                    node: "c".into(),
+                    cidr: net("10.244.2.0/24"),
+                },
+                CidrOp::Remove { node: "b".into() },
+            ])
+            .await
+            .expect("commit");
+        }
+        let s = SledCidrStore::open(dir.path()).expect("reopen");
+        let mut got = s.load().await.expect("load");
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                ("a".to_string(), net("10.244.0.0/24")),
+                ("c".to_string(), net("10.244.2.0/24"))
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_record_is_an_error_naming_the_node() {
+        let store = Store::temporary().expect("store");
+        let tree = store
+            .tree::<NodeAllocation>(SledCidrStore::TREE)
+            .expect("tree");
+        tree.insert(
+            "x",
+            &NodeAllocation {
+                node: "x".into(),
+                cidr: "garbage".into(),
+            },
+        )
+        .expect("insert");
+        let s = SledCidrStore::from_store(store).expect("open");
+        let err = s.load().await.expect_err("bad record");
+        assert!(err.to_string().contains("\"x\""), "{err}");
+    }
+}
