@@ -1,0 +1,449 @@
+//! The node agent's shared state and the pod attachment lifecycle (what CNI
+//! ADD, DEL, CHECK and GC do).
+
+use std::{
+    collections::HashMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, RwLock},
+};
+
+use tokio::sync::watch;
+use weft_common::{store::Store, watch::Mirror};
+use weft_proto::{
+    datapath::v1::{CniAttachment, CniRequest, CniResult},
+    identity::v1::SecurityIdentity,
+};
+
+use crate::{
+    bpf::{Counters, KernelLbMaps, Programs},
+    endpoints::{EndpointRecord, Endpoints, attachment_key},
+    metrics::Metrics,
+    podipam::{IpamError, PodIpam},
+    podnet,
+    sync::LbSync,
+};
+
+/// CNI error codes (spec 1.1, plus weft's own from 100).
+pub mod cni_code {
+    pub const UNKNOWN_CONTAINER: u32 = 3;
+    pub const INVALID_ENV: u32 = 4;
+    pub const IO_FAILURE: u32 = 5;
+    pub const INVALID_CONFIG: u32 = 7;
+    pub const TRY_AGAIN_LATER: u32 = 11;
+    pub const NOT_AVAILABLE: u32 = 50;
+    /// The node's pod CIDR has no free address.
+    pub const ADDRESSES_EXHAUSTED: u32 = 100;
+    /// Setting up the pod's network failed.
+    pub const NETWORK_SETUP: u32 = 101;
+}
+
+/// Why a CNI operation failed, with the CNI code the plugin should print.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct CniFailure {
+    pub grpc: tonic::Code,
+    pub cni_code: u32,
+    pub message: String,
+}
+
+impl CniFailure {
+    pub fn new(grpc: tonic::Code, cni_code: u32, message: impl Into<String>) -> Self {
+        Self { grpc, cni_code, message: message.into() }
+    }
+
+    fn invalid_env(message: impl Into<String>) -> Self {
+        Self::new(tonic::Code::InvalidArgument, cni_code::INVALID_ENV, message)
+    }
+
+    fn internal(cni_code: u32, message: impl Into<String>) -> Self {
+        Self::new(tonic::Code::Internal, cni_code, message)
+    }
+}
+
+/// Whether each control-plane peer is reachable, for status pages.
+#[derive(Debug)]
+pub struct Peers {
+    pub watcher: watch::Sender<bool>,
+    pub ipam: watch::Sender<bool>,
+    pub identity: watch::Sender<bool>,
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl Default for Peers {
+    fn default() -> Self {
+        Self {
+            watcher: watch::channel(false).0,
+            ipam: watch::channel(false).0,
+            identity: watch::channel(false).0,
+            last_error: Mutex::new(None),
+        }
+    }
+}
+
+impl Peers {
+    pub fn record_error(&self, e: impl std::fmt::Display) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+    }
+}
+
+pub struct Agent {
+    pub node: String,
+    pub mtu: u32,
+    pub pin_dir: PathBuf,
+    pub store: Store,
+    pub ipam: PodIpam,
+    pub endpoints: Endpoints,
+    pub programs: Mutex<Programs>,
+    pub lb: Mutex<LbSync<KernelLbMaps>>,
+    pub counters: Arc<Counters>,
+    pub netlink: rtnetlink::Handle,
+    /// The cluster state as last seen from svc-watcher (or the cache).
+    pub cluster: RwLock<Mirror>,
+    /// The identity table from identity-svc, by canonical label key.
+    pub identities: RwLock<HashMap<String, SecurityIdentity>>,
+    pub peers: Peers,
+    pub metrics: Metrics,
+    attach_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// What an Agent is built from.
+pub struct AgentParts {
+    pub node: String,
+    pub mtu: u32,
+    pub pin_dir: PathBuf,
+    pub store: Store,
+    pub ipam: PodIpam,
+    pub endpoints: Endpoints,
+    pub programs: Programs,
+    pub lb: LbSync<KernelLbMaps>,
+    pub counters: Arc<Counters>,
+    pub netlink: rtnetlink::Handle,
+    pub cluster: Mirror,
+    pub metrics: Metrics,
+}
+
+impl Agent {
+    pub fn new(p: AgentParts) -> Self {
+        Self {
+            node: p.node,
+            mtu: p.mtu,
+            pin_dir: p.pin_dir,
+            store: p.store,
+            ipam: p.ipam,
+            endpoints: p.endpoints,
+            programs: Mutex::new(p.programs),
+            lb: Mutex::new(p.lb),
+            counters: p.counters,
+            netlink: p.netlink,
+            cluster: RwLock::new(p.cluster),
+            identities: RwLock::new(HashMap::new()),
+            peers: Peers::default(),
+            metrics: p.metrics,
+            attach_locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Serialises operations on one attachment; different pods proceed in
+    /// parallel.
+    async fn lock_attachment(&self, key: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.attach_locks.lock().unwrap_or_else(|p| p.into_inner());
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+            locks.entry(key.to_string()).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
+
+    /// CNI ADD: an address, a veth pair, routes and the programs.
+    pub async fn add(&self, req: &CniRequest) -> Result<CniResult, CniFailure> {
+        validate_attachment(req, true)?;
+        let key = attachment_key(&req.container_id, &req.ifname);
+        let _guard = self.lock_attachment(&key).await;
+
+        if let Some(existing) = self.endpoints.get(&key).map_err(store_failure)? {
+            // A repeated ADD (the runtime retried): same answer if intact.
+            if existing.netns == req.netns && self.check_record(&existing).await.is_ok() {
+                return Ok(existing.result());
+            }
+            self.teardown(&existing).await?;
+        }
+
+        let ip = self.ipam.allocate(&key).await.map_err(|e| match e {
+            IpamError::NoCidr => CniFailure::new(
+                tonic::Code::Unavailable,
+                cni_code::TRY_AGAIN_LATER,
+                format!("node {} has no pod CIDR yet; is ipam-svc running?", self.node),
+            ),
+            IpamError::Exhausted(cidr) => CniFailure::new(
+                tonic::Code::ResourceExhausted,
+                cni_code::ADDRESSES_EXHAUSTED,
+                format!("no free pod address left in {cidr}"),
+            ),
+            IpamError::Store(e) => CniFailure::internal(cni_code::IO_FAILURE, format!("pod address store: {e}")),
+        })?;
+
+        match self.plumb(req, ip).await {
+            Ok(record) => {
+                self.metrics.cni_ops.get_or_create(&op_label("add", "ok")).inc();
+                Ok(record.result())
+            }
+            Err(e) => {
+                let host_ifname = podnet::host_ifname(&req.container_id, &req.ifname);
+                let _ = self.programs.lock().unwrap_or_else(|p| p.into_inner()).detach(&host_ifname);
+                let _ = podnet::delete(&self.netlink, &host_ifname).await;
+                let _ = self.ipam.release(&key).await;
+                self.metrics.cni_ops.get_or_create(&op_label("add", "error")).inc();
+                Err(e)
+            }
+        }
+    }
+
+    async fn plumb(&self, req: &CniRequest, ip: Ipv4Addr) -> Result<EndpointRecord, CniFailure> {
+        let host_ifname = podnet::host_ifname(&req.container_id, &req.ifname);
+        let mtu = if req.mtu > 0 { req.mtu } else { self.mtu };
+        let link = podnet::create(&self.netlink, &host_ifname, Path::new(&req.netns), &req.ifname, ip, mtu)
+            .await
+            .map_err(|e| CniFailure::internal(cni_code::NETWORK_SETUP, e.to_string()))?;
+        self.programs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .attach(&host_ifname)
+            .map_err(|e| CniFailure::internal(cni_code::NETWORK_SETUP, e.to_string()))?;
+        let record = EndpointRecord {
+            container_id: req.container_id.clone(),
+            ifname: req.ifname.clone(),
+            netns: req.netns.clone(),
+            host_ifname,
+            ip: ip.to_string(),
+            pod_namespace: req.pod_namespace.clone(),
+            pod_name: req.pod_name.clone(),
+            pod_uid: req.pod_uid.clone(),
+            host_mac: podnet::format_mac(&link.host_mac),
+            pod_mac: podnet::format_mac(&link.pod_mac),
+            mtu,
+        };
+        self.endpoints.put(&record).await.map_err(store_failure)?;
+        tracing::info!(pod = %record.pod(), ip = %record.ip, host_ifname = %record.host_ifname, "endpoint added");
+        Ok(record)
+    }
+
+    /// CNI DEL: idempotent; an unknown attachment is already deleted.
+    pub async fn del(&self, req: &CniRequest) -> Result<(), CniFailure> {
+        validate_attachment(req, false)?;
+        let key = attachment_key(&req.container_id, &req.ifname);
+        let _guard = self.lock_attachment(&key).await;
+        match self.endpoints.get(&key).map_err(store_failure)? {
+            Some(record) => self.teardown(&record).await?,
+            None => {
+                // An ADD that crashed half-way may have left an address or a veth.
+                let host_ifname = podnet::host_ifname(&req.container_id, &req.ifname);
+                let _ = self.programs.lock().unwrap_or_else(|p| p.into_inner()).detach(&host_ifname);
+                podnet::delete(&self.netlink, &host_ifname)
+                    .await
+                    .map_err(|e| CniFailure::internal(cni_code::NETWORK_SETUP, e.to_string()))?;
+                self.ipam
+                    .release(&key)
+                    .await
+                    .map_err(|e| CniFailure::internal(cni_code::IO_FAILURE, e.to_string()))?;
+            }
+        }
+        self.metrics.cni_ops.get_or_create(&op_label("del", "ok")).inc();
+        Ok(())
+    }
+
+    async fn teardown(&self, record: &EndpointRecord) -> Result<(), CniFailure> {
+        let key = attachment_key(&record.container_id, &record.ifname);
+        self.programs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .detach(&record.host_ifname)
+            .map_err(|e| CniFailure::internal(cni_code::NETWORK_SETUP, e.to_string()))?;
+        podnet::delete(&self.netlink, &record.host_ifname)
+            .await
+            .map_err(|e| CniFailure::internal(cni_code::NETWORK_SETUP, e.to_string()))?;
+        self.ipam
+            .release(&key)
+            .await
+            .map_err(|e| CniFailure::internal(cni_code::IO_FAILURE, e.to_string()))?;
+        self.endpoints.remove(&key).await.map_err(store_failure)?;
+        tracing::info!(pod = %record.pod(), ip = %record.ip, "endpoint removed");
+        Ok(())
+    }
+
+    /// CNI CHECK: the attachment exists and is as ADD left it.
+    pub async fn check(&self, req: &CniRequest) -> Result<(), CniFailure> {
+        validate_attachment(req, true)?;
+        let key = attachment_key(&req.container_id, &req.ifname);
+        let record = self.endpoints.get(&key).map_err(store_failure)?.ok_or_else(|| {
+            CniFailure::new(tonic::Code::NotFound, cni_code::UNKNOWN_CONTAINER, format!("no attachment {key}"))
+        })?;
+        if let Some(prev) = &req.prev_result {
+            let want = format!("{}/32", record.ip);
+            if !prev.ips.is_empty() && !prev.ips.iter().any(|i| i.address == want) {
+                return Err(CniFailure::internal(
+                    cni_code::NETWORK_SETUP,
+                    format!("prevResult does not list {want}, the address the pod has"),
+                ));
+            }
+        }
+        self.check_record(&record).await
+    }
+
+    async fn check_record(&self, record: &EndpointRecord) -> Result<(), CniFailure> {
+        let ip: Ipv4Addr = record
+            .ip
+            .parse()
+            .map_err(|_| CniFailure::internal(cni_code::IO_FAILURE, format!("stored address {:?} is invalid", record.ip)))?;
+        podnet::check(&self.netlink, &record.host_ifname, Path::new(&record.netns), &record.ifname, ip)
+            .await
+            .map_err(|e| CniFailure::internal(cni_code::NETWORK_SETUP, e.to_string()))
+    }
+
+    /// CNI GC: releases every attachment the runtime no longer knows.
+    pub async fn gc(&self, valid: &[CniAttachment]) -> Result<Vec<CniAttachment>, CniFailure> {
+        let keep: std::collections::HashSet<String> =
+            valid.iter().map(|a| attachment_key(&a.container_id, &a.ifname)).collect();
+        let mut released = Vec::new();
+        for record in self.endpoints.all().map_err(store_failure)? {
+            if keep.contains(&attachment_key(&record.container_id, &record.ifname)) {
+                continue;
+            }
+            let req = CniRequest {
+                container_id: record.container_id.clone(),
+                ifname: record.ifname.clone(),
+                ..Default::default()
+            };
+            self.del(&req).await?;
+            released.push(CniAttachment { container_id: record.container_id, ifname: record.ifname });
+        }
+        Ok(released)
+    }
+
+    /// Re-attaches the current programs to every endpoint's veth, swapping
+    /// them into the pinned links atomically. Endpoints whose veth is gone
+    /// (the pod died while no datapath-svc ran) are cleaned up.
+    pub async fn restore_endpoints(&self) -> anyhow::Result<usize> {
+        let mut restored = 0;
+        for record in self.endpoints.all()? {
+            let attached = self.programs.lock().unwrap_or_else(|p| p.into_inner()).attach(&record.host_ifname);
+            match attached {
+                Ok(()) => restored += 1,
+                Err(e) => {
+                    tracing::warn!(pod = %record.pod(), error = %e, "endpoint's interface is gone; removing it");
+                    if let Err(e) = self.teardown(&record).await {
+                        tracing::warn!(pod = %record.pod(), error = %e, "removing a dead endpoint");
+                    }
+                }
+            }
+        }
+        Ok(restored)
+    }
+
+    /// Whether the node can take pods now.
+    pub fn ready(&self) -> Result<(), CniFailure> {
+        match self.ipam.cidr() {
+            Some(_) => Ok(()),
+            None => Err(CniFailure::new(
+                tonic::Code::Unavailable,
+                cni_code::NOT_AVAILABLE,
+                format!("node {} has no pod CIDR yet", self.node),
+            )),
+        }
+    }
+}
+
+fn op_label(op: &str, outcome: &str) -> Vec<(String, String)> {
+    vec![("op".into(), op.into()), ("outcome".into(), outcome.into())]
+}
+
+fn store_failure(e: weft_common::store::StoreError) -> CniFailure {
+    CniFailure::internal(cni_code::IO_FAILURE, e.to_string())
+}
+
+/// Checks what the runtime passed, naming the offending variable.
+fn validate_attachment(req: &CniRequest, needs_netns: bool) -> Result<(), CniFailure> {
+    if req.container_id.is_empty() {
+        return Err(CniFailure::invalid_env("container_id (CNI_CONTAINERID) is required"));
+    }
+    if !req.container_id.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
+        return Err(CniFailure::invalid_env(format!(
+            "container_id (CNI_CONTAINERID) {:?} may hold only letters, digits, '_', '.' and '-'",
+            req.container_id
+        )));
+    }
+    let ifname = &req.ifname;
+    if ifname.is_empty()
+        || ifname.len() > 15
+        || ifname == "."
+        || ifname == ".."
+        || ifname.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
+    {
+        return Err(CniFailure::invalid_env(format!("ifname (CNI_IFNAME) {ifname:?} is not a valid interface name")));
+    }
+    if needs_netns {
+        if req.netns.is_empty() {
+            return Err(CniFailure::invalid_env("netns (CNI_NETNS) is required"));
+        }
+        if !Path::new(&req.netns).exists() {
+            return Err(CniFailure::invalid_env(format!("netns (CNI_NETNS) {} does not exist", req.netns)));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(cid: &str, ifname: &str, netns: &str) -> CniRequest {
+        CniRequest { container_id: cid.into(), ifname: ifname.into(), netns: netns.into(), ..Default::default() }
+    }
+
+    #[test]
+    fn bad_attachments_name_the_variable() {
+        let e = validate_attachment(&req("", "eth0", "/proc/self/ns/net"), true).expect_err("no id");
+        assert!(e.message.contains("CNI_CONTAINERID") && e.cni_code == cni_code::INVALID_ENV);
+        let e = validate_attachment(&req("abc", "this-name-is-too-long", "/proc/self/ns/net"), true).expect_err("long");
+        assert!(e.message.contains("CNI_IFNAME"));
+        let e = validate_attachment(&req("abc", "eth0", ""), true).expect_err("no netns");
+        assert!(e.message.contains("CNI_NETNS"));
+        let e = validate_attachment(&req("abc", "eth0", "/nonexistent/netns"), true).expect_err("missing netns");
+        assert!(e.message.contains("does not exist"));
+        validate_attachment(&req("abc", "eth0", ""), false).expect("DEL needs no netns");
+        validate_attachment(&req("abc-1.2_3", "eth0", "/proc/self/ns/net"), true).expect("valid");
+    }
+}
+
+impl Agent {
+    /// The identity of a pod on this node and its security labels; `init`
+    /// until identity-svc has allocated one for the labels.
+    pub fn identity_of(&self, namespace: &str, name: &str) -> (u32, std::collections::BTreeMap<String, String>) {
+        use weft_common::labels::{canonical_key, reserved, security_labels};
+        use weft_common::watch::ObjKey;
+        use weft_proto::watcher::v1::{Kind, Resource, resource};
+
+        let mirror = self.cluster.read().unwrap_or_else(|p| p.into_inner());
+        let Some(Resource { kind: Some(resource::Kind::Pod(pod)) }) =
+            mirror.get(&ObjKey::new(Kind::Pod, namespace, name))
+        else {
+            return (reserved::INIT, Default::default());
+        };
+        let pod_labels = pod.meta.as_ref().map(|m| m.labels.clone()).unwrap_or_default();
+        let ns_labels = match mirror.get(&ObjKey::new(Kind::Namespace, "", namespace)) {
+            Some(Resource { kind: Some(resource::Kind::Namespace(ns)) }) => {
+                ns.meta.as_ref().map(|m| m.labels.clone()).unwrap_or_default()
+            }
+            _ => Default::default(),
+        };
+        let labels = security_labels(namespace, &pod_labels, &ns_labels);
+        let id = self
+            .identities
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&canonical_key(&labels))
+            .map(|i| i.id)
+            .unwrap_or(reserved::INIT);
+        (id, labels)
+    }
+}

@@ -1,0 +1,278 @@
+//! Follows the cluster state from svc-watcher and keeps the load-balancer
+//! maps in line with it.
+//!
+//! Every object received is also written to a sled cache, so a datapath-svc
+//! that starts while svc-watcher is down reprograms from the last state it
+//! saw instead of from nothing. Changes are applied per Service: a changed
+//! Service or EndpointSlice recomputes that Service's frontends only.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+    time::Instant,
+};
+
+use futures::StreamExt as _;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use weft_common::{
+    store::{MsgTree, Store, StoreError},
+    watch::{Applied, Mirror, ObjKey, subscribe},
+};
+use weft_proto::watcher::v1::{Kind, Resource, resource, watch_event::Event};
+
+use crate::{
+    agent::Agent,
+    lb::{self, Frontend, FrontendSpec},
+};
+
+/// The kinds a datapath follows.
+pub const KINDS: [Kind; 5] = [Kind::Service, Kind::EndpointSlice, Kind::Pod, Kind::Namespace, Kind::Node];
+
+/// Marks a cache that once held a complete state.
+const SYNCED_MARKER: &str = "\u{0}synced";
+
+/// The on-disk copy of the cluster state.
+#[derive(Clone)]
+pub struct ClusterCache {
+    tree: MsgTree<Resource>,
+    meta: sled::Tree,
+}
+
+impl ClusterCache {
+    pub fn open(store: &Store) -> Result<Self, StoreError> {
+        Ok(Self { tree: store.tree("cluster")?, meta: store.raw_tree("cluster_meta")? })
+    }
+
+    /// The cached state; synced when the cache once held a complete one.
+    pub fn load(&self) -> Result<Mirror, StoreError> {
+        let objects = self.tree.entries()?.into_iter().map(|(_, r)| r);
+        if self.meta.contains_key(SYNCED_MARKER)? {
+            Ok(Mirror::with_objects(objects))
+        } else {
+            Ok(Mirror::new())
+        }
+    }
+
+    fn save(&self, mirror: &Mirror, keys: &[ObjKey]) -> Result<(), StoreError> {
+        for key in keys {
+            let k = key.to_string();
+            match mirror.get(key) {
+                Some(r) => self.tree.insert(&k, r)?,
+                None => {
+                    self.tree.remove(&k)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn mark_synced(&self) -> Result<(), StoreError> {
+        self.meta.insert(SYNCED_MARKER, &[])?;
+        Ok(())
+    }
+}
+
+/// (namespace, name) of a Service.
+type SvcKey = (String, String);
+
+/// Which frontends each Service owns and which slices belong to it.
+#[derive(Default)]
+pub struct LbController {
+    slices: HashMap<SvcKey, BTreeSet<String>>,
+    frontends: HashMap<SvcKey, Vec<Frontend>>,
+}
+
+fn slice_service(r: &Resource) -> Option<SvcKey> {
+    match r.kind.as_ref()? {
+        resource::Kind::EndpointSlice(s) => {
+            let meta = s.meta.as_ref()?;
+            Some((meta.namespace.clone(), s.service_name.clone()))
+        }
+        _ => None,
+    }
+}
+
+impl LbController {
+    fn desired_for(&self, mirror: &Mirror, key: &SvcKey) -> Vec<(Frontend, FrontendSpec)> {
+        let svc_key = ObjKey::new(Kind::Service, &key.0, &key.1);
+        let Some(Resource { kind: Some(resource::Kind::Service(svc)) }) = mirror.get(&svc_key) else {
+            return Vec::new();
+        };
+        let slices: Vec<_> = self
+            .slices
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|name| match mirror.get(&ObjKey::new(Kind::EndpointSlice, &key.0, name)) {
+                Some(Resource { kind: Some(resource::Kind::EndpointSlice(s)) }) => Some(s),
+                _ => None,
+            })
+            .collect();
+        lb::service_frontends(svc, slices.iter().copied())
+    }
+
+    /// Recomputes everything and removes what is not wanted. Used at start
+    /// and after each full snapshot.
+    pub fn full_sync(&mut self, agent: &Agent, mirror: &Mirror) -> anyhow::Result<usize> {
+        self.slices.clear();
+        for (key, r) in mirror.of_kind(Kind::EndpointSlice) {
+            if let Some(svc) = slice_service(r) {
+                self.slices.entry(svc).or_default().insert(key.name.clone());
+            }
+        }
+        let services: Vec<SvcKey> =
+            mirror.of_kind(Kind::Service).map(|(k, _)| (k.namespace.clone(), k.name.clone())).collect();
+        let mut desired: BTreeMap<Frontend, FrontendSpec> = BTreeMap::new();
+        self.frontends.clear();
+        for key in services {
+            let fes = self.desired_for(mirror, &key);
+            self.frontends.insert(key, fes.iter().map(|(f, _)| *f).collect());
+            desired.extend(fes);
+        }
+        let mut lb = agent.lb.lock().unwrap_or_else(|p| p.into_inner());
+        for (f, spec) in &desired {
+            lb.apply(*f, Some(spec))?;
+        }
+        lb.retain(|f| desired.contains_key(f))?;
+        agent.metrics.lb_frontends.set(lb.programmed().len() as i64);
+        Ok(desired.len())
+    }
+
+    /// Applies the objects in `changed`, which the mirror already holds.
+    pub fn apply_changes(&mut self, agent: &Agent, mirror: &Mirror, changed: &[ObjKey], before: &HashMap<ObjKey, Option<SvcKey>>) -> anyhow::Result<()> {
+        let mut dirty: BTreeSet<SvcKey> = BTreeSet::new();
+        for key in changed {
+            match key.kind {
+                Kind::Service => {
+                    dirty.insert((key.namespace.clone(), key.name.clone()));
+                }
+                Kind::EndpointSlice => {
+                    // The slice may have moved between services.
+                    if let Some(Some(old)) = before.get(key) {
+                        if let Some(set) = self.slices.get_mut(old) {
+                            set.remove(&key.name);
+                        }
+                        dirty.insert(old.clone());
+                    }
+                    if let Some(new) = mirror.get(key).and_then(slice_service) {
+                        self.slices.entry(new.clone()).or_default().insert(key.name.clone());
+                        dirty.insert(new);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut lb = agent.lb.lock().unwrap_or_else(|p| p.into_inner());
+        for svc in dirty {
+            let fes = self.desired_for(mirror, &svc);
+            let new: Vec<Frontend> = fes.iter().map(|(f, _)| *f).collect();
+            for (f, spec) in &fes {
+                lb.apply(*f, Some(spec))?;
+            }
+            if let Some(old) = self.frontends.get(&svc) {
+                for f in old.iter().filter(|f| !new.contains(f)) {
+                    // Unless another Service claimed the same frontend.
+                    let claimed = self.frontends.iter().any(|(k, v)| *k != svc && v.contains(f));
+                    if !claimed {
+                        lb.apply(*f, None)?;
+                    }
+                }
+            }
+            if new.is_empty() {
+                self.frontends.remove(&svc);
+            } else {
+                self.frontends.insert(svc, new);
+            }
+        }
+        agent.metrics.lb_frontends.set(lb.programmed().len() as i64);
+        Ok(())
+    }
+}
+
+/// Follows svc-watcher until shutdown.
+pub async fn follow(
+    agent: Arc<Agent>,
+    cache: ClusterCache,
+    mut controller: LbController,
+    watcher: Channel,
+    shutdown: CancellationToken,
+) {
+    let mut events = Box::pin(subscribe(
+        watcher,
+        KINDS.to_vec(),
+        format!("datapath-svc/{}", agent.node),
+        shutdown.clone(),
+        Some(agent.peers.watcher.clone()),
+    ));
+    let mut needs_full_sync = false;
+    while let Some(event) = events.next().await {
+        let started = Instant::now();
+        let is_synced = matches!(event.event, Some(Event::Synced(_)));
+        let result = {
+            let mut mirror = agent.cluster.write().unwrap_or_else(|p| p.into_inner());
+            // Where each slice pointed before, to clean up a move.
+            let before: HashMap<ObjKey, Option<SvcKey>> = match &event.event {
+                Some(Event::Upsert(r)) => ObjKey::of(r)
+                    .filter(|k| k.kind == Kind::EndpointSlice)
+                    .map(|k| {
+                        let old = mirror.get(&k).and_then(slice_service);
+                        HashMap::from([(k, old)])
+                    })
+                    .unwrap_or_default(),
+                Some(Event::Delete(k)) => {
+                    let k = ObjKey::from_proto(k);
+                    let old = mirror.get(&k).and_then(slice_service);
+                    HashMap::from([(k, old)])
+                }
+                _ => HashMap::new(),
+            };
+            let applied = mirror.apply(&event);
+            let outcome = match &applied {
+                Applied::Changed(keys) => {
+                    if let Err(e) = cache.save(&mirror, keys) {
+                        tracing::warn!(error = %e, "caching the cluster state");
+                    }
+                    if is_synced {
+                        Ok(())
+                    } else {
+                        controller.apply_changes(&agent, &mirror, keys, &before)
+                    }
+                }
+                Applied::Nothing => Ok(()),
+            };
+            if is_synced {
+                if let Err(e) = cache.mark_synced() {
+                    tracing::warn!(error = %e, "caching the cluster state");
+                }
+            }
+            // A complete state (a snapshot, or a resume that caught up) is
+            // the moment to recompute everything and drop what is not
+            // wanted; so is the first change after a failed write.
+            outcome.and_then(|()| {
+                if is_synced || std::mem::take(&mut needs_full_sync) {
+                    controller.full_sync(&agent, &mirror).map(|_| ())
+                } else {
+                    Ok(())
+                }
+            })
+        };
+        let scope = if is_synced { "full" } else { "delta" };
+        match result {
+            Ok(()) => {
+                agent.metrics.lb_sync_seconds.observe(started.elapsed().as_secs_f64());
+                agent.metrics.lb_syncs.get_or_create(&labels(scope, "ok")).inc();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "programming the load-balancer maps failed; will retry on the next change");
+                agent.peers.record_error(&e);
+                agent.metrics.lb_syncs.get_or_create(&labels(scope, "error")).inc();
+                needs_full_sync = true;
+            }
+        }
+    }
+}
+
+fn labels(scope: &str, outcome: &str) -> Vec<(String, String)> {
+    vec![("scope".into(), scope.into()), ("outcome".into(), outcome.into())]
+}

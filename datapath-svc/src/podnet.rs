@@ -1,0 +1,287 @@
+//! A pod's network plumbing, over netlink: the veth pair, the pod's address
+//! and routes, and the node's route back to the pod.
+//!
+//! The pod gets its address as a /32 and a default route through a
+//! link-local gateway, 169.254.1.1, whose neighbour entry is pinned to the
+//! MAC of the host-side veth. So every packet the pod sends lands on the host
+//! veth, where the eBPF programs see it, no matter where it is going, and the
+//! host needs no address in the pod's subnet.
+
+use std::{net::Ipv4Addr, os::fd::AsRawFd as _, path::Path};
+
+use futures::TryStreamExt as _;
+use netlink_packet_route::{
+    link::{InfoData, InfoVeth, LinkAttribute, LinkMessage},
+    route::RouteScope,
+};
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+/// The pods' default gateway. Link-local, never on the wire.
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("netlink: {what}: {source}")]
+    Netlink { what: String, source: rtnetlink::Error },
+    #[error("network namespace {path}: {message}")]
+    Netns { path: String, message: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+pub type Result<T, E = NetError> = std::result::Result<T, E>;
+
+fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetError {
+    let what = what.into();
+    move |source| NetError::Netlink { what, source }
+}
+
+/// Whether a netlink error is "no such device" / "no such entry".
+fn is_not_found(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::ENODEV || m.raw_code() == -libc::ENOENT)
+}
+
+/// What `create` made.
+#[derive(Debug, Clone)]
+pub struct PodLink {
+    pub host_ifname: String,
+    pub host_ifindex: u32,
+    pub host_mac: [u8; 6],
+    pub pod_mac: [u8; 6],
+}
+
+/// A stable host-side interface name for an attachment: the same container
+/// and interface always map to the same name, within the 15-byte limit.
+pub fn host_ifname(container_id: &str, ifname: &str) -> String {
+    // FNV-1a: tiny, stable across releases (unlike std's hasher).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in container_id.bytes().chain([b'/']).chain(ifname.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("wft{:012x}", h & 0xffff_ffff_ffff)
+}
+
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// A netlink connection in the calling thread's network namespace.
+pub fn connect() -> Result<Handle> {
+    let (conn, handle, _) =
+        rtnetlink::new_connection().map_err(|e| NetError::Other(format!("netlink socket: {e}")))?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkMessage>> {
+    match handle.link().get().match_name(name).execute().try_next().await {
+        Ok(link) => Ok(link),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(nl(format!("looking up {name}"))(e)),
+    }
+}
+
+fn mac_of(link: &LinkMessage) -> [u8; 6] {
+    link.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Address(m) if m.len() == 6 => {
+                let mut mac = [0u8; 6];
+                mac.copy_from_slice(m);
+                Some(mac)
+            }
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// Creates the veth pair with its peer directly inside the pod's namespace
+/// (named `pod_ifname` there), addresses and routes both sides.
+pub async fn create(
+    handle: &Handle,
+    host_ifname: &str,
+    netns: &Path,
+    pod_ifname: &str,
+    pod_ip: Ipv4Addr,
+    mtu: u32,
+) -> Result<PodLink> {
+    let ns_file = std::fs::File::open(netns).map_err(|e| NetError::Netns {
+        path: netns.display().to_string(),
+        message: e.to_string(),
+    })?;
+
+    // A leftover from an interrupted attempt would make the add fail.
+    if let Some(old) = link_by_name(handle, host_ifname).await? {
+        handle.link().del(old.header.index).execute().await.map_err(nl("removing a stale veth"))?;
+    }
+
+    let peer = LinkMessageBuilder::<LinkUnspec>::new()
+        .name(pod_ifname.to_string())
+        .mtu(mtu)
+        .setns_by_fd(ns_file.as_raw_fd())
+        .build();
+    let mut veth = LinkVeth::new(host_ifname, pod_ifname).mtu(mtu);
+    veth = veth.set_info_data(InfoData::Veth(InfoVeth::Peer(peer)));
+    handle
+        .link()
+        .add(veth.build())
+        .execute()
+        .await
+        .map_err(nl(format!("creating veth {host_ifname}")))?;
+
+    let host = link_by_name(handle, host_ifname)
+        .await?
+        .ok_or_else(|| NetError::Other(format!("{host_ifname} vanished after creation")))?;
+    let host_ifindex = host.header.index;
+    let host_mac = mac_of(&host);
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(host_ifindex).up().build())
+        .execute()
+        .await
+        .map_err(nl(format!("bringing {host_ifname} up")))?;
+    disable_ipv6(host_ifname);
+
+    // Inside the pod.
+    let pod_mac = {
+        let netns = netns.to_path_buf();
+        let pod_ifname = pod_ifname.to_string();
+        weft_common::netns::spawn_in(&netns, move || async move {
+            configure_pod_side(&pod_ifname, pod_ip, host_mac).await.map_err(anyhow::Error::from)
+        })
+        .await
+        .map_err(|e| NetError::Netns { path: netns_display(&netns), message: format!("{e:#}") })?
+    };
+
+    // The node's route to the pod.
+    let route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(pod_ip, 32)
+        .output_interface(host_ifindex)
+        .scope(RouteScope::Link)
+        .build();
+    handle
+        .route()
+        .add(route)
+        .replace()
+        .execute()
+        .await
+        .map_err(nl(format!("route to {pod_ip}")))?;
+
+    Ok(PodLink { host_ifname: host_ifname.to_string(), host_ifindex, host_mac, pod_mac })
+}
+
+fn netns_display(p: &Path) -> String {
+    p.display().to_string()
+}
+
+async fn configure_pod_side(ifname: &str, ip: Ipv4Addr, gateway_mac: [u8; 6]) -> Result<[u8; 6]> {
+    let handle = connect()?;
+    if let Some(lo) = link_by_name(&handle, "lo").await? {
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(lo.header.index).up().build())
+            .execute()
+            .await
+            .map_err(nl("bringing lo up"))?;
+    }
+    let link = link_by_name(&handle, ifname)
+        .await?
+        .ok_or_else(|| NetError::Other(format!("{ifname} not found in the pod")))?;
+    let index = link.header.index;
+    handle
+        .address()
+        .add(index, ip.into(), 32)
+        .replace()
+        .execute()
+        .await
+        .map_err(nl(format!("adding {ip}/32")))?;
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .map_err(nl(format!("bringing {ifname} up")))?;
+    handle
+        .neighbours()
+        .add(index, GATEWAY.into())
+        .link_layer_address(&gateway_mac)
+        .replace()
+        .execute()
+        .await
+        .map_err(nl("pinning the gateway's neighbour entry"))?;
+    let gw_route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(GATEWAY, 32)
+        .output_interface(index)
+        .scope(RouteScope::Link)
+        .build();
+    handle.route().add(gw_route).replace().execute().await.map_err(nl("route to the gateway"))?;
+    let default = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+        .gateway(GATEWAY)
+        .output_interface(index)
+        .build();
+    handle.route().add(default).replace().execute().await.map_err(nl("default route"))?;
+    Ok(mac_of(&link))
+}
+
+/// Removes the veth pair (both ends go together). Gone already is fine.
+pub async fn delete(handle: &Handle, host_ifname: &str) -> Result<()> {
+    let Some(link) = link_by_name(handle, host_ifname).await? else { return Ok(()) };
+    match handle.link().del(link.header.index).execute().await {
+        Ok(()) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(e) => Err(nl(format!("deleting {host_ifname}"))(e)),
+    }
+}
+
+/// Whether the host side exists and the pod side still carries `ip`.
+pub async fn check(handle: &Handle, host_ifname: &str, netns: &Path, pod_ifname: &str, ip: Ipv4Addr) -> Result<()> {
+    if link_by_name(handle, host_ifname).await?.is_none() {
+        return Err(NetError::Other(format!("host interface {host_ifname} is missing")));
+    }
+    let pod_ifname = pod_ifname.to_string();
+    weft_common::netns::spawn_in(netns, move || async move {
+        let handle = connect()?;
+        let link = link_by_name(&handle, &pod_ifname)
+            .await?
+            .ok_or_else(|| NetError::Other(format!("{pod_ifname} is missing in the pod")))?;
+        let mut addrs = handle.address().get().set_link_index_filter(link.header.index).execute();
+        while let Some(a) = addrs.try_next().await.map_err(nl("listing addresses"))? {
+            let has = a.attributes.iter().any(|attr| {
+                matches!(attr, netlink_packet_route::address::AddressAttribute::Address(std::net::IpAddr::V4(v)) if *v == ip)
+            });
+            if has {
+                return Ok(());
+            }
+        }
+        Err(NetError::Other(format!("{pod_ifname} does not carry {ip}")).into())
+    })
+    .await
+    .map_err(|e| NetError::Netns { path: netns.display().to_string(), message: format!("{e:#}") })
+}
+
+/// Pod veths carry IPv4 only; IPv6 link-local chatter would just be noise.
+fn disable_ipv6(ifname: &str) {
+    let path = format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6");
+    let _ = std::fs::write(path, "1");
+}
+
+/// Turns on IPv4 forwarding in this namespace; the node routes pod traffic.
+pub fn enable_forwarding() -> std::io::Result<()> {
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names_are_stable_and_short() {
+        let a = host_ifname("0123456789abcdef", "eth0");
+        assert_eq!(a, host_ifname("0123456789abcdef", "eth0"));
+        assert_ne!(a, host_ifname("0123456789abcdef", "eth1"));
+        assert_eq!(a.len(), 15);
+        assert!(a.starts_with("wft"));
+    }
+}
