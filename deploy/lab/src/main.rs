@@ -1,0 +1,217 @@
+//! `weft-lab`: bring the local lab up or down, run the demo, or act as a
+//! lab pod's server.
+
+use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use weft_lab::{Lab, LabConfig, net::netns_path, podserver};
+
+#[derive(Parser)]
+#[command(name = "weft-lab", version, about = "weft's local lab: a cluster in network namespaces")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct LabArgs {
+    /// The lab's name, prefix of its namespaces and nodes.
+    #[arg(long, env = "WEFT_LAB_NAME", default_value = "weft")]
+    name: String,
+    /// How many nodes.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=8))]
+    nodes: u8,
+    /// Where the weft binaries are; defaults to this binary's directory.
+    #[arg(long, env = "WEFT_BIN_DIR")]
+    bin_dir: Option<PathBuf>,
+    /// Manifests, logs and state; defaults to /run/weft-lab/<name>.
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Log level of the services.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+impl LabArgs {
+    fn config(&self) -> anyhow::Result<LabConfig> {
+        let bin_dir = match &self.bin_dir {
+            Some(d) => d.clone(),
+            None => std::env::current_exe()?.parent().context("binary directory")?.to_path_buf(),
+        };
+        let run_dir = self.run_dir.clone().unwrap_or_else(|| PathBuf::from("/run/weft-lab").join(&self.name));
+        let mut cfg = LabConfig::new(&self.name, run_dir, bin_dir);
+        cfg.nodes = usize::from(self.nodes);
+        cfg.log_level = self.log_level.clone();
+        Ok(cfg)
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Bring the lab up, apply manifests, and run until Ctrl-C.
+    Up {
+        #[command(flatten)]
+        lab: LabArgs,
+        /// Manifest files to apply once the lab is up.
+        #[arg(long = "apply")]
+        apply: Vec<PathBuf>,
+    },
+    /// Remove what a lab left behind (processes, namespaces, pins).
+    Down {
+        #[arg(long, env = "WEFT_LAB_NAME", default_value = "weft")]
+        name: String,
+    },
+    /// Bring the lab up with the demo manifests and show a Service being
+    /// load-balanced.
+    Demo {
+        #[command(flatten)]
+        lab: LabArgs,
+        /// Exit after the demo instead of keeping the lab running.
+        #[arg(long)]
+        exit: bool,
+    },
+    /// Run the lab pod server (inside a pod's namespace).
+    PodServer {
+        #[arg(long)]
+        name: String,
+        #[arg(long = "port", default_value = "8080")]
+        ports: Vec<u16>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Cmd::PodServer { name, ports } => {
+            let servers = ports.into_iter().map(|p| tokio::spawn(podserver::serve(name.clone(), p)));
+            for s in servers {
+                s.await??;
+            }
+            Ok(())
+        }
+        Cmd::Down { name } => Lab::clean(&name),
+        Cmd::Up { lab, apply } => {
+            let lab = Lab::up(lab.config()?).await?;
+            for file in &apply {
+                let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+                let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "applied.yaml".into());
+                lab.manifests.apply_yaml(&name, &text)?;
+            }
+            print_access(&lab);
+            println!("lab is up; Ctrl-C stops it");
+            wait_for_signal().await;
+            lab.down().await
+        }
+        Cmd::Demo { lab, exit } => {
+            let lab = Lab::up(lab.config()?).await?;
+            let result = demo(&lab).await;
+            if result.is_ok() && !exit {
+                print_access(&lab);
+                println!("\nThe lab keeps running; Ctrl-C stops it.");
+                wait_for_signal().await;
+            }
+            let down = lab.down().await;
+            result.and(down)
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+}
+
+fn print_access(lab: &Lab) {
+    let node = lab.node_names().into_iter().next().unwrap_or_default();
+    println!("\nManifests: {}  (edit them; the lab and svc-watcher follow)", lab.manifests.root().display());
+    println!("Logs:      {}", lab.log_dir().display());
+    println!("weftctl:   nsenter --net={} {} service list", netns_path(&node).display(), lab.bin("weftctl").display());
+    println!("grpcurl:   nsenter --net={} grpcurl -plaintext 127.0.0.1:9400 list", netns_path(&lab.cp_netns()).display());
+}
+
+/// Applies the demo manifests, waits for the pods, shows the service list
+/// and calls the Service from the client pod.
+async fn demo(lab: &Lab) -> anyhow::Result<()> {
+    let manifest = include_str!("../manifests/demo.yaml");
+    lab.manifests.apply_yaml("demo.yaml", manifest)?;
+    println!("Applied the demo manifests: Service demo/echo over pods echo-1, echo-2, echo-3, and a client pod.");
+    for pod in ["echo-1", "echo-2", "echo-3", "client"] {
+        let ip = lab.wait_pod_ready("demo", pod, Duration::from_secs(60)).await?;
+        println!("  pod demo/{pod:<7} running at {ip}");
+    }
+    let cluster_ip = wait_cluster_ip(lab, "demo", "echo").await?;
+    // Let the EndpointSlice reach the datapath.
+    wait_backends(lab, &cluster_ip, 3).await?;
+
+    let node = lab.node_names().into_iter().next().unwrap_or_default();
+    println!("\n$ weftctl service list");
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", netns_path(&node).display()))
+        .arg(lab.bin("weftctl"))
+        .args(["--datapath", "http://127.0.0.1:9403", "service", "list"])
+        .output()
+        .context("running weftctl")?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    if !out.status.success() {
+        bail!("weftctl failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    let client = lab.pod_netns_path("demo", "client");
+    let tcp: SocketAddr = format!("{cluster_ip}:80").parse()?;
+    let udp: SocketAddr = format!("{cluster_ip}:53").parse()?;
+    println!("\nFrom pod demo/client, 6 TCP connections to {tcp} and 6 UDP datagrams to {udp}:");
+    let answers = podserver::in_pod(&client, move || {
+        let mut out = Vec::new();
+        for _ in 0..6 {
+            out.push(("TCP", tcp, podserver::tcp_who(tcp, Duration::from_secs(2))?));
+        }
+        for _ in 0..6 {
+            out.push(("UDP", udp, podserver::udp_who(udp, Duration::from_secs(2))?));
+        }
+        Ok(out)
+    })?;
+    for (proto, addr, pod) in &answers {
+        println!("  {proto} {addr} -> answered by {pod}");
+    }
+    let distinct: std::collections::BTreeSet<_> = answers.iter().map(|(_, _, p)| p.clone()).collect();
+    println!("\n{} requests answered by {} different pods: {:?}", answers.len(), distinct.len(), distinct);
+    Ok(())
+}
+
+async fn wait_cluster_ip(lab: &Lab, ns: &str, name: &str) -> anyhow::Result<String> {
+    for _ in 0..100 {
+        let objs = lab.manifests.read();
+        if let Some(ip) = objs
+            .services
+            .iter()
+            .find(|(_, s)| s.metadata.namespace.as_deref() == Some(ns) && s.metadata.name.as_deref() == Some(name))
+            .and_then(|(_, s)| s.spec.as_ref()?.cluster_ip.clone())
+        {
+            return Ok(ip);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("service {ns}/{name} got no cluster IP")
+}
+
+async fn wait_backends(lab: &Lab, cluster_ip: &str, n: usize) -> anyhow::Result<()> {
+    let node = lab.node_names().into_iter().next().unwrap_or_default();
+    let mut client = weft_proto::datapath::v1::datapath_client::DatapathClient::new(lab.channel(&format!("datapath-svc/{node}"))?);
+    for _ in 0..100 {
+        if let Ok(r) = client.list_services(weft_proto::datapath::v1::ListServicesRequest {}).await
+            && r.get_ref().services.iter().any(|s| s.frontend.starts_with(&format!("{cluster_ip}:")) && s.backends.len() >= n)
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("the datapath did not program {cluster_ip} with {n} backends")
+}

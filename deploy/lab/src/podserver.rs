@@ -1,0 +1,122 @@
+//! The small server every lab pod runs, and the client side of it.
+//!
+//! TCP: the client sends one line; `who` is answered with the pod's name and
+//! the peer address it saw, `bytes N` with N bytes of data, `echo` by echoing
+//! everything until the client closes. UDP: every datagram is answered with
+//! the pod's name and the peer address.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+
+/// Serves TCP and UDP on `port` until the process is stopped.
+pub async fn serve(name: String, port: u16) -> anyhow::Result<()> {
+    let tcp = tokio::net::TcpListener::bind(("0.0.0.0", port)).await.context("binding TCP")?;
+    let udp = tokio::net::UdpSocket::bind(("0.0.0.0", port)).await.context("binding UDP")?;
+    let udp_name = name.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        loop {
+            let Ok((_, peer)) = udp.recv_from(&mut buf).await else { continue };
+            let reply = format!("{udp_name} {peer}\n");
+            let _ = udp.send_to(reply.as_bytes(), peer).await;
+        }
+    });
+    loop {
+        let (stream, peer) = tcp.accept().await?;
+        let name = name.clone();
+        tokio::spawn(async move {
+            let _ = handle(stream, peer, &name).await;
+        });
+    }
+}
+
+async fn handle(stream: tokio::net::TcpStream, peer: SocketAddr, name: &str) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let mut reader = tokio::io::BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).await?;
+    let line = line.trim();
+    if let Some(n) = line.strip_prefix("bytes ") {
+        let mut left: u64 = n.parse().unwrap_or(0);
+        let chunk = vec![b'x'; 64 * 1024];
+        while left > 0 {
+            let k = left.min(chunk.len() as u64) as usize;
+            reader.get_mut().write_all(&chunk[..k]).await?;
+            left -= k as u64;
+        }
+    } else if line == "echo" {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = reader.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            reader.get_mut().write_all(&buf[..n]).await?;
+        }
+    } else {
+        reader.get_mut().write_all(format!("{name} {peer}\n").as_bytes()).await?;
+    }
+    reader.get_mut().shutdown().await
+}
+
+/// One TCP `who` request from the current thread's namespace: the name of
+/// the pod that answered.
+pub fn tcp_who(addr: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(b"who\n")?;
+    let mut reply = String::new();
+    BufReader::new(&mut s).read_line(&mut reply)?;
+    let name = reply.split_whitespace().next().unwrap_or_default().to_string();
+    if name.is_empty() {
+        bail!("empty reply from {addr}");
+    }
+    Ok(name)
+}
+
+/// One UDP datagram from a fresh socket (a fresh source port, so a fresh
+/// flow): the name of the pod that answered.
+pub fn udp_who(addr: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
+    let s = UdpSocket::bind("0.0.0.0:0")?;
+    s.set_read_timeout(Some(timeout))?;
+    s.send_to(b"who\n", addr)?;
+    let mut buf = [0u8; 512];
+    let (n, from) = s.recv_from(&mut buf).with_context(|| format!("no UDP reply from {addr}"))?;
+    if from != addr {
+        bail!("UDP reply came from {from}, not {addr}: reverse translation failed");
+    }
+    let reply = String::from_utf8_lossy(&buf[..n]);
+    Ok(reply.split_whitespace().next().unwrap_or_default().to_string())
+}
+
+/// Downloads `bytes N` over TCP and returns how many bytes arrived.
+pub fn tcp_download(addr: SocketAddr, n: u64, timeout: Duration) -> anyhow::Result<u64> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(format!("bytes {n}\n").as_bytes())?;
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let k = s.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        total += k as u64;
+    }
+    Ok(total)
+}
+
+/// Runs `f` inside the pod's network namespace and returns its result.
+pub fn in_pod<T: Send + 'static>(
+    netns: &Path,
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    weft_common::netns::run_in(netns, f)
+}
