@@ -1,1 +1,132 @@
+//! Helpers for the end-to-end tests: finding the built binaries, bringing up
+//! a lab per test, and waiting for conditions with a patience budget instead
+//! of sleeping.
 
+use std::{
+    future::Future,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use weft_lab::{Lab, LabConfig};
+
+/// Where `cargo build` put the binaries: `WEFT_BIN_DIR`, or the directory
+/// above this test executable's `deps/`.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("WEFT_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let deps = exe.parent().expect("deps directory");
+    deps.parent().expect("target profile directory").to_path_buf()
+}
+
+/// The end-to-end tests build namespaces and load eBPF: they need root. CI
+/// runs as root; elsewhere this fails loudly rather than skipping.
+pub fn require_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "end-to-end tests need root (network namespaces, eBPF); run the suite with sudo"
+    );
+}
+
+/// A lab for one test, torn down when dropped (also on panic).
+pub struct TestLab {
+    pub lab: Arc<Lab>,
+    name: String,
+}
+
+impl TestLab {
+    /// Brings up a lab named after the test (kept short: it prefixes
+    /// namespaces and node names).
+    pub async fn up(test: &str, nodes: usize) -> Self {
+        require_root();
+        let name = format!("t{}", short_hash(test));
+        let run_dir = std::env::temp_dir().join("weft-e2e").join(&name);
+        let mut cfg = LabConfig::new(&name, run_dir, bin_dir());
+        cfg.nodes = nodes;
+        cfg.log_level = "info,weft=debug".into();
+        let lab = match Lab::up(cfg).await {
+            Ok(lab) => lab,
+            Err(e) => {
+                let _ = Lab::clean(&name);
+                panic!("lab {name} did not come up: {e:#}");
+            }
+        };
+        Self { lab, name }
+    }
+
+    pub async fn down(self) {
+        if let Err(e) = self.lab.down().await {
+            eprintln!("lab {} teardown: {e:#}", self.name);
+        }
+    }
+}
+
+impl Drop for TestLab {
+    fn drop(&mut self) {
+        let _ = Lab::clean(&self.name);
+    }
+}
+
+impl std::ops::Deref for TestLab {
+    type Target = Lab;
+    fn deref(&self) -> &Lab {
+        &self.lab
+    }
+}
+
+fn short_hash(s: &str) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in s.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("{:06x}", h & 0xff_ffff)
+}
+
+/// Polls `check` until it returns `Ok`, or fails with its last error after
+/// `patience`.
+pub async fn eventually<T, F, Fut>(patience: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let deadline = Instant::now() + patience;
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(e) if Instant::now() > deadline => panic!("{what}: not within {patience:?}: {e:#}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// A third-party tool: from the repository's `.tools/bin` (where the setup
+/// script installs it), else from PATH.
+pub fn tool(name: &str) -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repository root");
+    let local = repo.join(".tools/bin").join(name);
+    if local.exists() {
+        return local;
+    }
+    let found = Command::new("sh").arg("-c").arg(format!("command -v {name}")).output();
+    match found {
+        Ok(o) if o.status.success() => PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()),
+        _ => panic!("{name} is not installed; scripts/setup.sh installs it"),
+    }
+}
+
+/// Runs a program inside a lab namespace (entering only its network
+/// namespace) and returns (exit status, stdout, stderr).
+pub fn run_in_netns(netns: &str, program: &Path, args: &[&str]) -> (std::process::ExitStatus, String, String) {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{netns}"))
+        .arg(program)
+        .args(args)
+        .output()
+        .expect("running nsenter");
+    (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
