@@ -238,8 +238,7 @@ pub fn reconcile(alloc: &mut Allocator, nodes: &BTreeMap<String, Want>) -> Outco
                 Err(overlap) => {
                     // A node that had a CIDR keeps it; one that had none waits.
                     if held.is_none() {
-                        out.pending
-                            .insert(node.clone(), Pending::Conflict(overlap));
+                        out.pending.insert(node.clone(), Pending::Conflict(overlap));
                     } else {
                         tracing::error!(%node, error = %overlap, "node's pod CIDR changed to one another node holds; keeping the old one");
                     }
@@ -337,7 +336,10 @@ mod tests {
     }
 
     fn step() -> impl Strategy<Value = Step> {
-        prop_oneof![(0u8..24).prop_map(Step::Add), (0u8..24).prop_map(Step::Remove)]
+        prop_oneof![
+            (0u8..24).prop_map(Step::Add),
+            (0u8..24).prop_map(Step::Remove)
+        ]
     }
 
     proptest! {

@@ -76,9 +76,7 @@ pub enum ConfigError {
     HostBits { value: String, network: Ipv4Net },
     #[error("--cluster-pool-ipv4-cidr: pools {a} and {b} overlap")]
     Overlap { a: Ipv4Net, b: Ipv4Net },
-    #[error(
-        "--cluster-pool-ipv4-mask-size: /{mask} must be longer than the prefix of pool {pool}"
-    )]
+    #[error("--cluster-pool-ipv4-mask-size: /{mask} must be longer than the prefix of pool {pool}")]
     MaskNotLonger { mask: u8, pool: Ipv4Net },
     #[error(
         "--cluster-pool-ipv4-mask-size: /{mask} is longer than /{MAX_MASK_SIZE}, too small for pods"
@@ -112,10 +110,7 @@ impl Pools {
                     network: net.trunc(),
                 });
             }
-            if let Some(other) = cidrs
-                .iter()
-                .find(|o| o.contains(&net) || net.contains(*o))
-            {
+            if let Some(other) = cidrs.iter().find(|o| o.contains(&net) || net.contains(*o)) {
                 return Err(ConfigError::Overlap { a: *other, b: net });
             }
             cidrs.push(net);

@@ -73,7 +73,7 @@ impl<S: CidrStore> ipam_server::Ipam for IpamService<S> {
         let (snapshot, feed) = self.ipam.watch().await.map_err(status)?;
         let initial = snapshot
             .into_iter()
-            .map(|a| Event::Allocated(a))
+            .map(Event::Allocated)
             .chain(std::iter::once(Event::Synced(Synced {})))
             .map(|e| Ok(AllocationEvent { event: Some(e) }));
         let live = BroadcastStream::new(feed).map(|r| match r {

@@ -22,6 +22,9 @@ use tokio_util::sync::CancellationToken;
 use weft_common::{grpc::GrpcServer, shutdown::Shutdown};
 use weft_proto::watcher::v1::Kind;
 
+/// How long open gRPC connections get to close after SIGTERM.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
 pub use config::{Args, Config, Mode};
 
 /// Runs the service as the binary does: validates the flags (and stops there
@@ -33,7 +36,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         println!(
             "ipam-svc: configuration OK (mode {}, pools {:?}, mask /{})",
             config.mode.as_str(),
-            config.pools.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+            config
+                .pools
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>(),
             config.mask
         );
         return Ok(());
@@ -59,14 +66,26 @@ pub async fn serve(
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::Metrics::new(&mut registry);
     let ipam = Arc::new(
-        state::Ipam::open(store, config.mode, config.pools.clone(), config.mask, metrics).await?,
+        state::Ipam::open(
+            store,
+            config.mode,
+            config.pools.clone(),
+            config.mask,
+            metrics,
+        )
+        .await?,
     );
     weft_common::metrics::spawn(config.metrics_listen, registry, shutdown.clone());
 
     let channel = weft_common::client::lazy_channel(&config.watcher)
         .with_context(|| format!("--watcher {:?}", config.watcher))?;
-    let events =
-        weft_common::watch::subscribe(channel, vec![Kind::Node], "ipam-svc", shutdown.clone(), None);
+    let events = weft_common::watch::subscribe(
+        channel,
+        vec![Kind::Node],
+        "ipam-svc",
+        shutdown.clone(),
+        None,
+    );
     let follower = tokio::spawn({
         let ipam = ipam.clone();
         let shutdown = shutdown.clone();
@@ -81,10 +100,21 @@ pub async fn serve(
         }
     });
 
-    let served = GrpcServer::new()
+    let server = GrpcServer::new()
         .add_service(grpc::IpamService::new(ipam, shutdown.clone()).server())
-        .serve_tcp(listener, shutdown.clone())
-        .await;
+        .serve_tcp(listener, shutdown.clone());
+    let served = tokio::select! {
+        r = server => r,
+        // A client that never closes its connection must not hold up a
+        // SIGTERM: everything it could be told is already durable.
+        _ = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!("gRPC connections still open after the shutdown grace; closing them");
+            Ok(())
+        }
+    };
     shutdown.cancel();
     let followed = follower.await.context("node follower panicked")?;
     served?;

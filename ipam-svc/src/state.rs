@@ -68,7 +68,11 @@ impl<S: CidrStore> Ipam<S> {
                 tracing::warn!(%node, %cidr, "stored allocation is outside every configured pool; the node keeps it");
             }
         }
-        tracing::info!(allocations = alloc.len(), mode = mode.as_str(), "allocations restored");
+        tracing::info!(
+            allocations = alloc.len(),
+            mode = mode.as_str(),
+            "allocations restored"
+        );
         metrics.set_usage(&alloc.usage());
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         Ok(Self {

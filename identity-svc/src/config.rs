@@ -1,0 +1,150 @@
+//! Flags, each with an environment fallback, and their validation.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use weft_common::config::CommonArgs;
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "identity-svc",
+    version,
+    about = "Maps security label sets to numeric identities."
+)]
+pub struct Args {
+    /// gRPC listen address.
+    #[arg(long, env = "WEFT_LISTEN", default_value = "0.0.0.0:9402")]
+    pub listen: SocketAddr,
+
+    /// Directory of the identity database.
+    #[arg(
+        long,
+        env = "WEFT_STATE_DIR",
+        default_value = "/var/lib/weft/identity-svc"
+    )]
+    pub state_dir: PathBuf,
+
+    /// svc-watcher's gRPC endpoint (`http://host:port` or `unix:///path`).
+    #[arg(long, env = "WEFT_WATCHER", default_value = "http://127.0.0.1:9400")]
+    pub watcher: String,
+
+    /// How long an identity nobody references is kept before it is
+    /// collected: seconds, or a value like `90s`, `15m`, `1h30m`, `500ms`.
+    #[arg(long, env = "WEFT_IDENTITY_GC_GRACE_PERIOD", default_value = "15m", value_parser = parse_duration)]
+    pub gc_grace_period: Duration,
+
+    /// How often unreferenced identities are swept (same syntax).
+    #[arg(long, env = "WEFT_IDENTITY_GC_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub gc_interval: Duration,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// Everything the service needs, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub state_dir: PathBuf,
+    pub watcher: String,
+    pub gc_grace_period: Duration,
+    pub gc_interval: Duration,
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl Config {
+    pub fn from_args(args: &Args) -> anyhow::Result<Self> {
+        if args.gc_interval.is_zero() {
+            anyhow::bail!("--gc-interval: must be longer than zero");
+        }
+        if args.watcher.trim().is_empty() {
+            anyhow::bail!("--watcher: must not be empty");
+        }
+        Ok(Self {
+            listen: args.listen,
+            state_dir: args.state_dir.clone(),
+            watcher: args.watcher.clone(),
+            gc_grace_period: args.gc_grace_period,
+            gc_interval: args.gc_interval,
+            metrics_listen: args.common.metrics_addr()?,
+        })
+    }
+}
+
+/// Parses `900`, `900s`, `15m`, `1h30m`, `1h 30m`, `250ms`, `1d`: a bare
+/// number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let bad = || format!("{s:?} is not a duration such as 90, 90s, 15m, 1h30m or 500ms");
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        if digits == 0 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c.is_whitespace())
+            .unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(bad)?),
+            "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(bad)?),
+            "d" => Duration::from_secs(n.checked_mul(86400).ok_or_else(bad)?),
+            _ => return Err(bad()),
+        };
+        total = total.checked_add(unit).ok_or_else(bad)?;
+        rest = rest[unit_len..].trim_start();
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[test]
+    fn durations() {
+        let ok = [
+            ("900", 900_000),
+            ("90s", 90_000),
+            ("15m", 900_000),
+            ("1h30m", 5_400_000),
+            ("1h 30m", 5_400_000),
+            ("250ms", 250),
+            ("1d", 86_400_000),
+            ("0", 0),
+        ];
+        for (s, ms) in ok {
+            assert_eq!(parse_duration(s), Ok(Duration::from_millis(ms)), "{s}");
+        }
+        for s in ["", "m", "15x", "1.5h", "-3s", "s15"] {
+            assert!(parse_duration(s).is_err(), "{s} accepted");
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let args = Args::try_parse_from(["identity-svc"]).expect("defaults");
+        let c = Config::from_args(&args).expect("valid");
+        assert_eq!(c.gc_grace_period, Duration::from_secs(900));
+        assert_eq!(c.gc_interval, Duration::from_secs(60));
+        assert_eq!(c.listen.port(), 9402);
+    }
+
+    #[test]
+    fn a_zero_interval_is_refused() {
+        let args = Args::try_parse_from(["identity-svc", "--gc-interval", "0s"]).expect("parses");
+        let err = Config::from_args(&args).expect_err("zero interval");
+        assert!(err.to_string().contains("--gc-interval"), "{err}");
+    }
+}
