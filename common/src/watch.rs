@@ -214,6 +214,47 @@ impl Mirror {
     }
 }
 
+/// Where a subscription resumes after a reconnect: the epoch and revision of
+/// the last event after which the subscriber held a complete state. Events
+/// inside a snapshot (after RESET, before SYNCED) do not move it forward;
+/// RESET clears it. A stream that breaks mid-snapshot therefore starts over
+/// with a fresh snapshot: resuming at the snapshot's revision would replay
+/// only the deltas after it, and [`Mirror`] would take the half-received
+/// snapshot for the whole state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResumePoint {
+    pub epoch: String,
+    pub revision: u64,
+    in_snapshot: bool,
+}
+
+impl ResumePoint {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records an event handed to the consumer.
+    pub fn observe(&mut self, event: &WatchEvent) {
+        match &event.event {
+            Some(Event::Reset(_)) => {
+                self.in_snapshot = true;
+                self.epoch.clear();
+                self.revision = 0;
+            }
+            Some(Event::Synced(_)) => {
+                self.in_snapshot = false;
+                self.epoch.clone_from(&event.epoch);
+                self.revision = event.revision;
+            }
+            _ if self.in_snapshot => {}
+            _ => {
+                self.epoch.clone_from(&event.epoch);
+                self.revision = event.revision;
+            }
+        }
+    }
+}
+
 /// Subscribes to `kinds` on the watcher behind `channel` and yields every
 /// event, across reconnects, until `shutdown` fires. After a reconnect the
 /// subscription resumes from the last event yielded; a watcher that cannot
@@ -231,8 +272,7 @@ pub fn subscribe(
     let (tx, rx) = mpsc::channel(1024);
     tokio::spawn(async move {
         let mut client = WatcherClient::new(channel).max_decoding_message_size(64 << 20);
-        let mut epoch = String::new();
-        let mut revision = 0u64;
+        let mut resume = ResumePoint::new();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let set_connected = |up: bool| {
             if let Some(c) = &connected {
@@ -242,8 +282,8 @@ pub fn subscribe(
         loop {
             let request = SubscribeRequest {
                 kinds: kinds.iter().map(|k| *k as i32).collect(),
-                epoch: epoch.clone(),
-                since_revision: revision,
+                epoch: resume.epoch.clone(),
+                since_revision: resume.revision,
                 subscriber: subscriber.clone(),
             };
             let attempt = tokio::select! {
@@ -262,8 +302,7 @@ pub fn subscribe(
                         match next {
                             Ok(Some(event)) => {
                                 backoff.reset();
-                                epoch.clone_from(&event.epoch);
-                                revision = event.revision;
+                                resume.observe(&event);
                                 if tx.send(event).await.is_err() {
                                     return;
                                 }
@@ -336,6 +375,24 @@ mod tests {
             ])
         );
         assert_eq!(m.len(), 2);
+    }
+
+    #[test]
+    fn a_snapshot_broken_off_is_not_resumed() {
+        let at = |revision, event| WatchEvent {
+            epoch: "e".into(),
+            revision,
+            event: Some(event),
+        };
+        let mut r = ResumePoint::new();
+        r.observe(&at(5, Event::Reset(Reset {})));
+        r.observe(&at(5, Event::Upsert(ns("a", "1"))));
+        // Mid-snapshot: a reconnect must ask for a new snapshot.
+        assert_eq!((r.epoch.as_str(), r.revision), ("", 0));
+        r.observe(&at(5, Event::Synced(Synced {})));
+        assert_eq!((r.epoch.as_str(), r.revision), ("e", 5));
+        r.observe(&at(6, Event::Upsert(ns("a", "2"))));
+        assert_eq!((r.epoch.as_str(), r.revision), ("e", 6));
     }
 
     #[test]

@@ -16,7 +16,7 @@
 int main(void)
 {
 	printf("/// (struct, size, [(field, offset)]) as the C compiler lays them out.\n");
-	printf("pub(crate) const C_LAYOUT: &[(&str, usize, &[(&str, usize)])] = &[\n");
+	printf("pub(super) const C_LAYOUT: &[(&str, usize, &[(&str, usize)])] = &[\n");
 	STRUCT(lb4_key);
 	FIELD(lb4_key, address);
 	FIELD(lb4_key, dport);

@@ -392,29 +392,6 @@ fn validate_attachment(req: &CniRequest, needs_netns: bool) -> Result<(), CniFai
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn req(cid: &str, ifname: &str, netns: &str) -> CniRequest {
-        CniRequest { container_id: cid.into(), ifname: ifname.into(), netns: netns.into(), ..Default::default() }
-    }
-
-    #[test]
-    fn bad_attachments_name_the_variable() {
-        let e = validate_attachment(&req("", "eth0", "/proc/self/ns/net"), true).expect_err("no id");
-        assert!(e.message.contains("CNI_CONTAINERID") && e.cni_code == cni_code::INVALID_ENV);
-        let e = validate_attachment(&req("abc", "this-name-is-too-long", "/proc/self/ns/net"), true).expect_err("long");
-        assert!(e.message.contains("CNI_IFNAME"));
-        let e = validate_attachment(&req("abc", "eth0", ""), true).expect_err("no netns");
-        assert!(e.message.contains("CNI_NETNS"));
-        let e = validate_attachment(&req("abc", "eth0", "/nonexistent/netns"), true).expect_err("missing netns");
-        assert!(e.message.contains("does not exist"));
-        validate_attachment(&req("abc", "eth0", ""), false).expect("DEL needs no netns");
-        validate_attachment(&req("abc-1.2_3", "eth0", "/proc/self/ns/net"), true).expect("valid");
-    }
-}
-
 impl Agent {
     /// The identity of a pod on this node and its security labels; `init`
     /// until identity-svc has allocated one for the labels.
@@ -445,5 +422,28 @@ impl Agent {
             .map(|i| i.id)
             .unwrap_or(reserved::INIT);
         (id, labels)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(cid: &str, ifname: &str, netns: &str) -> CniRequest {
+        CniRequest { container_id: cid.into(), ifname: ifname.into(), netns: netns.into(), ..Default::default() }
+    }
+
+    #[test]
+    fn bad_attachments_name_the_variable() {
+        let e = validate_attachment(&req("", "eth0", "/proc/self/ns/net"), true).expect_err("no id");
+        assert!(e.message.contains("CNI_CONTAINERID") && e.cni_code == cni_code::INVALID_ENV);
+        let e = validate_attachment(&req("abc", "this-name-is-too-long", "/proc/self/ns/net"), true).expect_err("long");
+        assert!(e.message.contains("CNI_IFNAME"));
+        let e = validate_attachment(&req("abc", "eth0", ""), true).expect_err("no netns");
+        assert!(e.message.contains("CNI_NETNS"));
+        let e = validate_attachment(&req("abc", "eth0", "/nonexistent/netns"), true).expect_err("missing netns");
+        assert!(e.message.contains("does not exist"));
+        validate_attachment(&req("abc", "eth0", ""), false).expect("DEL needs no netns");
+        validate_attachment(&req("abc-1.2_3", "eth0", "/proc/self/ns/net"), true).expect("valid");
     }
 }

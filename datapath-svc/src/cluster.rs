@@ -241,10 +241,10 @@ pub async fn follow(
                 }
                 Applied::Nothing => Ok(()),
             };
-            if is_synced {
-                if let Err(e) = cache.mark_synced() {
-                    tracing::warn!(error = %e, "caching the cluster state");
-                }
+            if is_synced
+                && let Err(e) = cache.mark_synced()
+            {
+                tracing::warn!(error = %e, "caching the cluster state");
             }
             // A complete state (a snapshot, or a resume that caught up) is
             // the moment to recompute everything and drop what is not

@@ -170,7 +170,11 @@ mod tests {
     use super::*;
     use std::mem::{offset_of, size_of};
 
-    include!(concat!(env!("OUT_DIR"), "/layout.rs"));
+    #[allow(clippy::type_complexity)]
+    mod c {
+        include!(concat!(env!("OUT_DIR"), "/layout.rs"));
+    }
+    use c::C_LAYOUT;
 
     fn rust_layout(name: &str) -> (usize, Vec<(&'static str, usize)>) {
         macro_rules! layout {

@@ -1,0 +1,239 @@
+//! svc-watcher: turns cluster state into weft's typed, versioned event
+//! stream (`weft.watcher.v1.Watcher`).
+//!
+//! A [`source::Source`] (the lab's manifest directory today, the Kubernetes
+//! API later) feeds a [`state::StateStore`]; the store keeps the objects, a
+//! revision and a bounded delta history; [`server::WatcherService`] serves
+//! snapshots, resumed deltas and live deltas from it to ipam-svc,
+//! identity-svc and every datapath-svc.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use anyhow::Context as _;
+use prometheus_client::registry::Registry;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use weft_common::{config::CommonArgs, grpc::GrpcServer, shutdown::Shutdown};
+
+pub mod convert;
+pub mod metrics;
+pub mod server;
+pub mod source;
+pub mod state;
+pub mod subscription;
+
+use crate::{
+    metrics::Metrics,
+    server::WatcherService,
+    source::{Source, SourceError, manifests::ManifestSource},
+    state::StateStore,
+};
+
+/// Where the cluster state comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SourceKind {
+    /// A directory of Kubernetes manifests (the local lab).
+    Manifests,
+}
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "svc-watcher",
+    version,
+    about = "Serves the cluster state as versioned gRPC watch streams"
+)]
+pub struct Args {
+    /// gRPC listen address.
+    #[arg(long, env = "WEFT_LISTEN", default_value = "0.0.0.0:9400")]
+    pub listen: SocketAddr,
+
+    /// Where the cluster state comes from.
+    #[arg(long, env = "WEFT_SOURCE", value_enum, default_value = "manifests")]
+    pub source: SourceKind,
+
+    /// The manifest directory (for `--source manifests`).
+    #[arg(long, env = "WEFT_MANIFESTS_DIR")]
+    pub manifests_dir: Option<PathBuf>,
+
+    /// How many delta events to keep for subscribers that resume; one that
+    /// is further behind gets a snapshot.
+    #[arg(long, env = "WEFT_HISTORY", default_value_t = 10_000)]
+    pub history: usize,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// A validated source choice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceConfig {
+    Manifests { dir: PathBuf },
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
+    pub source: SourceConfig,
+    pub history: usize,
+}
+
+impl Args {
+    /// Checks everything that can be checked without starting.
+    pub fn validate(&self) -> anyhow::Result<Config> {
+        let metrics_listen = self.common.metrics_addr()?;
+        tracing_subscriber::EnvFilter::try_new(&self.common.log_level).with_context(|| {
+            format!(
+                "--log-level: {:?} is not a valid filter",
+                self.common.log_level
+            )
+        })?;
+        let source = match self.source {
+            SourceKind::Manifests => {
+                let dir = self
+                    .manifests_dir
+                    .clone()
+                    .context("--manifests-dir is required with --source manifests")?;
+                let meta = std::fs::metadata(&dir)
+                    .with_context(|| format!("--manifests-dir: cannot read {}", dir.display()))?;
+                anyhow::ensure!(
+                    meta.is_dir(),
+                    "--manifests-dir: {} is not a directory",
+                    dir.display()
+                );
+                SourceConfig::Manifests { dir }
+            }
+        };
+        Ok(Config {
+            listen: self.listen,
+            metrics_listen,
+            source,
+            history: self.history,
+        })
+    }
+}
+
+/// The whole service: validates, sets up logs, metrics and signals, binds
+/// and serves until SIGTERM/SIGINT.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let config = args.validate()?;
+    if args.common.check_config {
+        println!("configuration ok");
+        return Ok(());
+    }
+    let _telemetry = weft_common::telemetry::init(&args.common, "svc-watcher")?;
+    let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
+    let mut registry = Registry::default();
+    let metrics = Metrics::registered(&mut registry);
+    let metrics_task =
+        weft_common::metrics::spawn(config.metrics_listen, registry, shutdown.token());
+    // Bound before the first read: early subscribers wait in the backlog
+    // instead of being refused, and are served once the state is complete.
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding gRPC address {}", config.listen))?;
+    let result = serve(&config, listener, metrics, shutdown.token()).await;
+    shutdown.trigger();
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
+    if result.is_ok() {
+        tracing::info!("svc-watcher stopped");
+    }
+    result
+}
+
+/// Runs the configured source and, once it has read the complete state,
+/// the gRPC service on `listener`, until `shutdown` fires or the source
+/// fails for good.
+pub async fn serve(
+    config: &Config,
+    listener: tokio::net::TcpListener,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let store = Arc::new(StateStore::new(config.history, metrics.clone()));
+    tracing::info!(
+        epoch = store.epoch(),
+        history = config.history,
+        "state store ready"
+    );
+    match &config.source {
+        SourceConfig::Manifests { dir } => {
+            let source = ManifestSource::new(dir.clone(), metrics.clone());
+            serve_source(source, store, listener, metrics, shutdown).await
+        }
+    }
+}
+
+/// [`serve`] for any source, over a store the caller made.
+pub async fn serve_source<S: Source>(
+    source: S,
+    store: Arc<StateStore>,
+    listener: tokio::net::TcpListener,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let name = source.name();
+    let (synced_tx, synced_rx) = oneshot::channel();
+    let mut source_task = tokio::spawn(source.run(store.clone(), synced_tx, shutdown.clone()));
+
+    tokio::select! {
+        synced = synced_rx => {
+            if synced.is_err() {
+                // The source ended before it read the state once.
+                let result = join_source(&mut source_task).await;
+                return result.and_then(|()| {
+                    anyhow::bail!("source {name} stopped before reading the state")
+                });
+            }
+        }
+        _ = shutdown.cancelled() => {
+            return join_source(&mut source_task).await;
+        }
+    }
+    tracing::info!(
+        source = name,
+        objects = store.len(),
+        revision = store.revision(),
+        "initial state complete; serving"
+    );
+
+    let service = WatcherService::new(store, metrics, shutdown.clone());
+    let mut grpc = tokio::spawn(
+        GrpcServer::new()
+            .add_service(service.into_server())
+            .serve_tcp(listener, shutdown.clone()),
+    );
+    // Whichever ends first (normally both, on shutdown) stops the other.
+    let (source_result, grpc_result) = tokio::select! {
+        s = join_source(&mut source_task) => {
+            shutdown.cancel();
+            (s, join_grpc(&mut grpc).await)
+        }
+        g = join_grpc(&mut grpc) => {
+            shutdown.cancel();
+            (join_source(&mut source_task).await, g)
+        }
+    };
+    source_result?;
+    grpc_result
+}
+
+async fn join_grpc(task: &mut tokio::task::JoinHandle<anyhow::Result<()>>) -> anyhow::Result<()> {
+    match task.await {
+        Ok(r) => r,
+        Err(e) => Err(anyhow::anyhow!("gRPC server task: {e}")),
+    }
+}
+
+async fn join_source(
+    task: &mut tokio::task::JoinHandle<Result<(), SourceError>>,
+) -> anyhow::Result<()> {
+    match task.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(anyhow::Error::new(e).context("cluster state source")),
+        Err(e) => Err(anyhow::anyhow!("cluster state source task: {e}")),
+    }
+}

@@ -91,7 +91,7 @@ pub fn endpoint_slice(svc: &Service, pods: &[&Pod]) -> Option<EndpointSlice> {
             let target = selected
                 .iter()
                 .find_map(|pod| resolve_target_port(p.target_port.as_ref(), p.port, &protocol, pod))
-                .or_else(|| match &p.target_port {
+                .or(match &p.target_port {
                     None => Some(p.port),
                     Some(IntOrString::Int(n)) => Some(*n),
                     Some(IntOrString::String(_)) => None,

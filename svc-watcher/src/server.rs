@@ -1,0 +1,119 @@
+//! The gRPC `weft.watcher.v1.Watcher` service over a [`StateStore`].
+
+use std::{pin::Pin, sync::Arc};
+
+use futures::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use weft_proto::watcher::v1::{
+    ListRequest, ListResponse, Resource, SubscribeRequest, WatchEvent,
+    watcher_server::{Watcher, WatcherServer},
+};
+
+use crate::{
+    metrics::Metrics,
+    state::{KindSet, StateStore},
+    subscription::{Start, Subscription},
+};
+
+/// Serves Subscribe and List from the store. Streams end when `shutdown`
+/// fires, so a graceful server stop is not held up by open subscriptions.
+#[derive(Debug, Clone)]
+pub struct WatcherService {
+    store: Arc<StateStore>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+}
+
+impl WatcherService {
+    pub fn new(store: Arc<StateStore>, metrics: Metrics, shutdown: CancellationToken) -> Self {
+        Self {
+            store,
+            metrics,
+            shutdown,
+        }
+    }
+
+    /// The tonic service, ready for `GrpcServer::add_service`. Snapshots of
+    /// a large cluster are many small messages, so the default limits hold.
+    pub fn into_server(self) -> WatcherServer<Self> {
+        WatcherServer::new(self)
+    }
+}
+
+/// Keeps `weft_watcher_subscribers` right however a stream ends.
+struct SubscriberGuard {
+    metrics: Metrics,
+    subscriber: String,
+}
+
+impl Drop for SubscriberGuard {
+    fn drop(&mut self) {
+        self.metrics.subscriber_removed();
+        tracing::info!(subscriber = %self.subscriber, "subscriber left");
+    }
+}
+
+fn kinds(raw: &[i32]) -> Result<KindSet, Status> {
+    KindSet::from_request(raw).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<WatchEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Watcher for WatcherService {
+    type SubscribeStream = EventStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let req = request.into_inner();
+        let kinds = kinds(&req.kinds)?;
+        let subscriber = if req.subscriber.is_empty() {
+            "unnamed".to_string()
+        } else {
+            req.subscriber
+        };
+        let sub = Subscription::start(self.store.clone(), kinds, &req.epoch, req.since_revision);
+        tracing::info!(
+            subscriber = %subscriber,
+            resumed = sub.started() == Start::Resumed,
+            since_revision = req.since_revision,
+            revision = sub.position(),
+            "subscriber joined"
+        );
+        self.metrics.subscriber_added();
+        let guard = SubscriberGuard {
+            metrics: self.metrics.clone(),
+            subscriber,
+        };
+        let shutdown = self.shutdown.clone();
+        let stream = futures::stream::unfold(
+            (sub, guard, shutdown),
+            |(mut sub, guard, shutdown)| async move {
+                let event = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => None,
+                    event = sub.next() => event,
+                };
+                event.map(|e| (Ok(e), (sub, guard, shutdown)))
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        let kinds = kinds(&request.into_inner().kinds)?;
+        let snapshot = self.store.snapshot(kinds);
+        Ok(Response::new(ListResponse {
+            epoch: self.store.epoch().to_string(),
+            revision: snapshot.revision,
+            resources: snapshot
+                .objects
+                .iter()
+                .map(|o| Resource::clone(o))
+                .collect(),
+        }))
+    }
+}

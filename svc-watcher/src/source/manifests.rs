@@ -1,0 +1,551 @@
+//! The local lab's stand-in for the Kubernetes API: a directory of ordinary
+//! manifests, re-read whenever it changes.
+//!
+//! inotify (through `notify`) reports changes; a short debounce turns a
+//! burst of writes into one re-read, and a periodic full re-read catches
+//! anything inotify missed (an overflowed queue, a directory replaced
+//! wholesale). Each re-read hands the complete set of objects to the store,
+//! which emits only what changed.
+//!
+//! Bad input never costs stored state: a file that does not parse keeps
+//! contributing what it contributed before; an object that does not
+//! validate keeps its previous version from the same file, if any; a
+//! directory that cannot be read leaves everything as it was.
+
+use std::{
+    collections::{BTreeMap, btree_map::Entry},
+    hash::{DefaultHasher, Hash as _, Hasher as _},
+    io,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use notify::{
+    EventKind, RecommendedWatcher, RecursiveMode, Watcher as _,
+    event::{AccessKind, AccessMode},
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use weft_common::watch::ObjKey;
+use weft_proto::watcher::v1::Resource;
+
+use super::{
+    Source, SourceError,
+    documents::{self, Format},
+};
+use crate::{metrics::Metrics, state::StateStore};
+
+/// How long to wait after a change notice for the burst to settle.
+pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(50);
+/// How often the whole directory is re-read regardless of notices.
+pub const DEFAULT_RESCAN: Duration = Duration::from_secs(2);
+/// Guards against symlink loops.
+const MAX_DEPTH: usize = 16;
+
+/// Whether a directory entry is skipped: hidden files and directories (this
+/// also covers Kubernetes' `..data` ConfigMap layout), editor backups and
+/// the temporary files atomic writers rename into place.
+pub fn is_ignored_name(name: &str) -> bool {
+    name.starts_with('.') || name.ends_with('~') || name.ends_with(".tmp") || name.ends_with(".swp")
+}
+
+/// The format of a manifest file, or `None` for files that are not one.
+pub fn manifest_format(name: &str) -> Option<Format> {
+    if is_ignored_name(name) {
+        return None;
+    }
+    let ext = name.rsplit_once('.')?.1.to_ascii_lowercase();
+    match ext.as_str() {
+        "yaml" | "yml" => Some(Format::Yaml),
+        "json" => Some(Format::Json),
+        _ => None,
+    }
+}
+
+#[derive(Debug, Clone)]
+struct FileEntry {
+    /// Hash of the contents last read, parsable or not: unchanged contents
+    /// are not parsed (or complained about) again.
+    digest: u64,
+    objects: BTreeMap<ObjKey, Resource>,
+}
+
+/// The directory as last read, file by file.
+#[derive(Debug)]
+pub struct ManifestDir {
+    root: PathBuf,
+    files: BTreeMap<PathBuf, FileEntry>,
+    metrics: Metrics,
+}
+
+impl ManifestDir {
+    pub fn new(root: impl Into<PathBuf>, metrics: Metrics) -> Self {
+        Self {
+            root: root.into(),
+            files: BTreeMap::new(),
+            metrics,
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Re-reads the directory; returns whether anything changed. On an
+    /// error the previous contents stay as they were.
+    pub fn rescan(&mut self) -> Result<bool, SourceError> {
+        let paths = list_files(&self.root).map_err(|source| SourceError::Io {
+            path: self.root.clone(),
+            source,
+        })?;
+        let mut next = BTreeMap::new();
+        let mut changed = false;
+        for (path, format) in paths {
+            let previous = self.files.get(&path);
+            let bytes = match std::fs::read(&path) {
+                Ok(b) => b,
+                // Removed between listing and reading: it is gone.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot read manifest file; keeping what it gave before");
+                    if let Some(prev) = previous {
+                        next.insert(path, prev.clone());
+                    }
+                    continue;
+                }
+            };
+            let digest = digest(&bytes);
+            if let Some(prev) = previous.filter(|p| p.digest == digest) {
+                next.insert(path, prev.clone());
+                continue;
+            }
+            changed = true;
+            let objects = self.read_file(&path, &bytes, format, previous);
+            next.insert(path, FileEntry { digest, objects });
+        }
+        if self.files.keys().any(|p| !next.contains_key(p)) {
+            changed = true;
+        }
+        self.files = next;
+        Ok(changed)
+    }
+
+    /// The objects of one file's new contents, falling back to what the
+    /// file gave before wherever the new contents are bad.
+    fn read_file(
+        &self,
+        path: &Path,
+        bytes: &[u8],
+        format: Format,
+        previous: Option<&FileEntry>,
+    ) -> BTreeMap<ObjKey, Resource> {
+        let previous_objects = || previous.map(|p| p.objects.clone()).unwrap_or_default();
+        let parsed = match documents::parse(bytes, format) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "manifest file does not parse; keeping what it gave before");
+                self.metrics.invalid("File", "parse");
+                return previous_objects();
+            }
+        };
+        let mut objects = BTreeMap::new();
+        for object in parsed.objects {
+            let Some(key) = ObjKey::of(&object) else {
+                continue;
+            };
+            if objects.insert(key.clone(), object).is_some() {
+                tracing::warn!(file = %path.display(), object = %key, "object defined twice in one file; the later one wins");
+            }
+        }
+        for bad in parsed.invalid {
+            tracing::warn!(
+                file = %path.display(),
+                document = bad.document,
+                kind = bad.kind,
+                object = bad.key.as_ref().map(ToString::to_string).unwrap_or_default(),
+                error = %bad.error,
+                "invalid object skipped"
+            );
+            self.metrics.invalid(bad.kind, bad.error.reason.as_str());
+            // Keep the version this file gave before, as the API server
+            // keeps an object when an update to it is refused.
+            if let Some(key) = bad.key
+                && let Some(old) = previous.and_then(|p| p.objects.get(&key))
+            {
+                objects.entry(key).or_insert_with(|| old.clone());
+            }
+        }
+        tracing::debug!(
+            file = %path.display(),
+            objects = objects.len(),
+            ignored = parsed.ignored,
+            "manifest file read"
+        );
+        objects
+    }
+
+    /// The objects of all files; where two files define the same object the
+    /// one later in path order wins.
+    pub fn objects(&self) -> Vec<Resource> {
+        let mut merged: BTreeMap<&ObjKey, (&Path, &Resource)> = BTreeMap::new();
+        for (path, entry) in &self.files {
+            for (key, object) in &entry.objects {
+                match merged.entry(key) {
+                    Entry::Vacant(v) => {
+                        v.insert((path, object));
+                    }
+                    Entry::Occupied(mut o) => {
+                        tracing::warn!(
+                            object = %key,
+                            first = %o.get().0.display(),
+                            wins = %path.display(),
+                            "object defined in two files; the later file wins"
+                        );
+                        o.insert((path, object));
+                    }
+                }
+            }
+        }
+        merged.into_values().map(|(_, o)| o.clone()).collect()
+    }
+}
+
+fn digest(bytes: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}
+
+/// Every manifest file under `root`, in path order.
+fn list_files(root: &Path) -> io::Result<Vec<(PathBuf, Format)>> {
+    let mut out = Vec::new();
+    walk(root, 0, &mut out)?;
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+fn walk(dir: &Path, depth: usize, out: &mut Vec<(PathBuf, Format)>) -> io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        // A subdirectory removed while we walk is simply gone.
+        Err(e) if depth > 0 && e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if is_ignored_name(&name) {
+            continue;
+        }
+        let path = entry.path();
+        // Follows symlinks, as `kubectl apply -f dir` would.
+        let meta = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        if meta.is_dir() {
+            if depth < MAX_DEPTH {
+                walk(&path, depth + 1, out)?;
+            }
+        } else if meta.is_file()
+            && let Some(format) = manifest_format(&name)
+        {
+            out.push((path, format));
+        }
+    }
+    Ok(())
+}
+
+/// The manifest directory as a [`Source`].
+#[derive(Debug)]
+pub struct ManifestSource {
+    dir: ManifestDir,
+    debounce: Duration,
+    rescan_every: Duration,
+}
+
+impl ManifestSource {
+    pub fn new(root: impl Into<PathBuf>, metrics: Metrics) -> Self {
+        Self {
+            dir: ManifestDir::new(root, metrics),
+            debounce: DEFAULT_DEBOUNCE,
+            rescan_every: DEFAULT_RESCAN,
+        }
+    }
+
+    /// Changes the debounce and periodic re-read intervals.
+    pub fn with_timing(mut self, debounce: Duration, rescan_every: Duration) -> Self {
+        self.debounce = debounce;
+        self.rescan_every = rescan_every;
+        self
+    }
+}
+
+/// Re-reads off the async threads and hands the result to the store.
+async fn rescan(dir: ManifestDir, store: &StateStore) -> Result<ManifestDir, SourceError> {
+    let (dir, result) = tokio::task::spawn_blocking(move || {
+        let mut dir = dir;
+        let result = dir.rescan().map(|changed| changed.then(|| dir.objects()));
+        (dir, result)
+    })
+    .await
+    .map_err(|e| SourceError::Task(e.to_string()))?;
+    match result {
+        Ok(Some(objects)) => {
+            let changes = store.replace_all(objects)?;
+            if changes > 0 {
+                tracing::info!(
+                    changes,
+                    revision = store.revision(),
+                    objects = store.len(),
+                    "manifests changed"
+                );
+            }
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the manifest directory; keeping the current state");
+        }
+    }
+    Ok(dir)
+}
+
+/// A live inotify watch and the identity of the directory it watches, so a
+/// directory replaced wholesale is noticed and watched anew.
+struct Watch {
+    _watcher: RecommendedWatcher,
+    dir_id: (u64, u64),
+}
+
+fn dir_id(root: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(root).ok().map(|m| (m.dev(), m.ino()))
+}
+
+fn start_watch(root: &Path, notices: &mpsc::Sender<()>) -> Option<Watch> {
+    let id = dir_id(root)?;
+    let tx = notices.clone();
+    let handler = move |event: notify::Result<notify::Event>| match event {
+        Ok(event) => {
+            // Opening and reading files (our own rescans included) is no
+            // change; a write being closed is.
+            let relevant = match event.kind {
+                EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+                EventKind::Access(_) => false,
+                _ => true,
+            };
+            if relevant {
+                let _ = tx.try_send(());
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "inotify error; re-reading the manifest directory");
+            let _ = tx.try_send(());
+        }
+    };
+    let watcher = notify::recommended_watcher(handler).and_then(|mut w| {
+        w.watch(root, RecursiveMode::Recursive)?;
+        Ok(w)
+    });
+    match watcher {
+        Ok(w) => Some(Watch {
+            _watcher: w,
+            dir_id: id,
+        }),
+        Err(e) => {
+            tracing::warn!(dir = %root.display(), error = %e, "cannot watch the manifest directory; relying on periodic re-reads");
+            None
+        }
+    }
+}
+
+impl Source for ManifestSource {
+    fn name(&self) -> &'static str {
+        "manifests"
+    }
+
+    async fn run(
+        self,
+        store: Arc<StateStore>,
+        synced: oneshot::Sender<()>,
+        shutdown: CancellationToken,
+    ) -> Result<(), SourceError> {
+        let Self {
+            dir,
+            debounce,
+            rescan_every,
+        } = self;
+        let root = dir.root().to_path_buf();
+        let (notices_tx, mut notices) = mpsc::channel::<()>(1);
+        // Watch before the first read, so nothing written during it is missed.
+        let mut watch = start_watch(&root, &notices_tx);
+
+        let mut dir = tokio::task::spawn_blocking(move || {
+            let mut dir = dir;
+            dir.rescan().map(|_| dir)
+        })
+        .await
+        .map_err(|e| SourceError::Task(e.to_string()))??;
+        store.replace_all(dir.objects())?;
+        tracing::info!(
+            dir = %root.display(),
+            objects = store.len(),
+            revision = store.revision(),
+            "manifests read"
+        );
+        let _ = synced.send(());
+
+        let mut tick = tokio::time::interval(rescan_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.reset();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                Some(()) = notices.recv() => {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(debounce) => {}
+                    }
+                    while notices.try_recv().is_ok() {}
+                }
+                _ = tick.tick() => {}
+            }
+            dir = rescan(dir, &store).await?;
+            let current = dir_id(&root);
+            if current.is_some() && watch.as_ref().map(|w| w.dir_id) != current {
+                watch = start_watch(&root, &notices_tx);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::fs;
+
+    use weft_proto::watcher::v1::{Kind, resource};
+
+    use super::*;
+
+    #[test]
+    fn names_that_are_skipped() {
+        assert_eq!(manifest_format("svc.yaml"), Some(Format::Yaml));
+        assert_eq!(manifest_format("svc.YML"), Some(Format::Yaml));
+        assert_eq!(manifest_format("svc.json"), Some(Format::Json));
+        assert_eq!(manifest_format("svc.yaml~"), None);
+        assert_eq!(manifest_format(".svc.yaml"), None);
+        assert_eq!(manifest_format("svc.yaml.tmp"), None);
+        assert_eq!(manifest_format("svc.yaml.swp"), None);
+        assert_eq!(manifest_format("README.md"), None);
+        assert_eq!(manifest_format("yaml"), None);
+    }
+
+    fn keys(dir: &ManifestDir) -> Vec<String> {
+        dir.objects()
+            .iter()
+            .map(|o| ObjKey::of(o).unwrap().to_string())
+            .collect()
+    }
+
+    fn label(dir: &ManifestDir, key: &ObjKey) -> Option<String> {
+        let object = dir
+            .objects()
+            .into_iter()
+            .find(|o| ObjKey::of(o).as_ref() == Some(key))?;
+        let meta = match object.kind? {
+            resource::Kind::Namespace(n) => n.meta?,
+            resource::Kind::Service(s) => s.meta?,
+            _ => return None,
+        };
+        meta.labels.get("v").cloned()
+    }
+
+    fn ns_yaml(name: &str, v: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}, labels: {{v: '{v}'}}}}\n"
+        )
+    }
+
+    #[test]
+    fn reads_the_fixtures_once() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let mut dir = ManifestDir::new(root, Metrics::new());
+        assert!(dir.rescan().unwrap());
+        assert_eq!(dir.objects().len(), 10, "{:?}", keys(&dir));
+        // Unchanged contents: no change reported.
+        assert!(!dir.rescan().unwrap());
+    }
+
+    #[test]
+    fn the_later_file_wins_whatever_the_write_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let key = ObjKey::new(Kind::Namespace, "", "x");
+        fs::write(tmp.path().join("b.yaml"), ns_yaml("x", "b")).unwrap();
+        fs::write(tmp.path().join("a.yaml"), ns_yaml("x", "a")).unwrap();
+        let mut dir = ManifestDir::new(tmp.path(), Metrics::new());
+        dir.rescan().unwrap();
+        assert_eq!(label(&dir, &key).as_deref(), Some("b"));
+        fs::write(tmp.path().join("a.yaml"), ns_yaml("x", "a2")).unwrap();
+        dir.rescan().unwrap();
+        assert_eq!(label(&dir, &key).as_deref(), Some("b"));
+        fs::remove_file(tmp.path().join("b.yaml")).unwrap();
+        dir.rescan().unwrap();
+        assert_eq!(label(&dir, &key).as_deref(), Some("a2"));
+    }
+
+    #[test]
+    fn bad_input_keeps_what_was_there() {
+        let tmp = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new();
+        let file = tmp.path().join("svc.yaml");
+        let svc = |port: u32, v: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: web, labels: {{v: '{v}'}}}}\nspec: {{ports: [{{port: {port}}}]}}\n---\n{}",
+                ns_yaml("n", v)
+            )
+        };
+        fs::write(&file, svc(80, "1")).unwrap();
+        let mut dir = ManifestDir::new(tmp.path(), metrics.clone());
+        dir.rescan().unwrap();
+        let web = ObjKey::new(Kind::Service, "default", "web");
+        let n = ObjKey::new(Kind::Namespace, "", "n");
+
+        // An invalid new version: the old one stays, the rest of the file flows.
+        fs::write(&file, svc(70000, "2")).unwrap();
+        assert!(dir.rescan().unwrap());
+        assert_eq!(label(&dir, &web).as_deref(), Some("1"));
+        assert_eq!(label(&dir, &n).as_deref(), Some("2"));
+        assert_eq!(metrics.invalid_count("Service", "invalid_port"), 1);
+        // The same bad contents are not complained about again.
+        assert!(!dir.rescan().unwrap());
+        assert_eq!(metrics.invalid_count("Service", "invalid_port"), 1);
+
+        // A file that does not parse keeps all it gave.
+        fs::write(&file, "kind: [").unwrap();
+        dir.rescan().unwrap();
+        assert_eq!(keys(&dir).len(), 2);
+        assert_eq!(metrics.invalid_count("File", "parse"), 1);
+
+        // A new file with an invalid object contributes only its valid ones.
+        fs::write(
+            tmp.path().join("new.json"),
+            r#"{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "a"}, "spec": {"podCIDR": "nope"}}"#,
+        )
+        .unwrap();
+        dir.rescan().unwrap();
+        assert_eq!(keys(&dir).len(), 2);
+        assert_eq!(metrics.invalid_count("Node", "invalid_cidr"), 1);
+
+        // A directory that cannot be read changes nothing.
+        let mut gone = ManifestDir::new(tmp.path().join("missing"), metrics.clone());
+        assert!(gone.rescan().is_err());
+        fs::remove_file(&file).unwrap();
+        dir.rescan().unwrap();
+        assert!(keys(&dir).is_empty());
+    }
+}
