@@ -91,9 +91,8 @@ pub fn parse_args(raw: &str) -> Result<CniArgs, CniError> {
             continue;
         }
         let Some((key, value)) = segment.split_once('=') else {
-            return Err(
-                CniError::env("CNI_ARGS: invalid pair").with_details(format!("{segment:?} has no '='"))
-            );
+            return Err(CniError::env("CNI_ARGS: invalid pair")
+                .with_details(format!("{segment:?} has no '='")));
         };
         if key.is_empty() {
             return Err(CniError::env("CNI_ARGS: invalid pair")
@@ -127,8 +126,11 @@ pub fn parse_args(raw: &str) -> Result<CniArgs, CniError> {
         *slot = (!value.is_empty()).then(|| value.to_string());
     }
     if !unknown.is_empty() && !args.ignore_unknown {
-        return Err(CniError::env("CNI_ARGS: unknown args")
-            .with_details(format!("unknown keys {unknown:?}; set IgnoreUnknown=1 to allow them")));
+        return Err(
+            CniError::env("CNI_ARGS: unknown args").with_details(format!(
+                "unknown keys {unknown:?}; set IgnoreUnknown=1 to allow them"
+            )),
+        );
     }
     Ok(args)
 }
@@ -164,7 +166,9 @@ impl CniEnv {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, CniError> {
         let get = |name: &str| lookup(name).filter(|v| !v.is_empty());
         let Some(raw_command) = get("CNI_COMMAND") else {
-            return Err(CniError::env("required env variables [CNI_COMMAND] missing"));
+            return Err(CniError::env(
+                "required env variables [CNI_COMMAND] missing",
+            ));
         };
         let command: Command = raw_command.parse()?;
 
@@ -244,15 +248,20 @@ pub fn validate_ifname(name: &str) -> Result<(), CniError> {
         return Err(CniError::env("interface name is empty"));
     }
     if name.len() > MAX_IFNAME_LEN {
-        return Err(CniError::env("interface name is too long").with_details(format!(
-            "{name:?} is {} bytes; the limit is {MAX_IFNAME_LEN}",
-            name.len()
-        )));
+        return Err(
+            CniError::env("interface name is too long").with_details(format!(
+                "{name:?} is {} bytes; the limit is {MAX_IFNAME_LEN}",
+                name.len()
+            )),
+        );
     }
     if name == "." || name == ".." {
         return Err(CniError::env("interface name is . or .."));
     }
-    if name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
+    if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c.is_whitespace())
+    {
         return Err(
             CniError::env("interface name contains / or : or whitespace characters")
                 .with_details(format!("{name:?}")),
@@ -286,7 +295,10 @@ mod tests {
         ("CNI_PATH", "/opt/cni/bin"),
     ];
 
-    fn with(base: &[(&'static str, &'static str)], extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+    fn with(
+        base: &[(&'static str, &'static str)],
+        extra: &[(&'static str, &'static str)],
+    ) -> Vec<(&'static str, &'static str)> {
         let mut vars: Vec<_> = base
             .iter()
             .filter(|(k, _)| !extra.iter().any(|(e, _)| e == k))
@@ -298,7 +310,14 @@ mod tests {
 
     #[test]
     fn add_with_everything_parses() {
-        let parsed = env(&with(ADD, &[("CNI_ARGS", "K8S_POD_NAME=web-0;K8S_POD_NAMESPACE=default"), ("TRACEPARENT", "00-abc-def-01")])).expect("valid");
+        let parsed = env(&with(
+            ADD,
+            &[
+                ("CNI_ARGS", "K8S_POD_NAME=web-0;K8S_POD_NAMESPACE=default"),
+                ("TRACEPARENT", "00-abc-def-01"),
+            ],
+        ))
+        .expect("valid");
         assert_eq!(parsed.command, Command::Add);
         assert_eq!(parsed.container_id, "abc123");
         assert_eq!(parsed.netns, "/var/run/netns/pod");
@@ -310,30 +329,38 @@ mod tests {
 
     #[test]
     fn missing_command_is_an_env_error() {
-        let err = env(&[]).unwrap_err();
+        let err = env(&[]).expect_err("must be refused");
         assert_eq!(err.code, code::INVALID_ENV);
         assert!(err.msg.contains("CNI_COMMAND"));
     }
 
     #[test]
     fn unknown_command_is_an_env_error() {
-        let err = env(&[("CNI_COMMAND", "FROB")]).unwrap_err();
+        let err = env(&[("CNI_COMMAND", "FROB")]).expect_err("must be refused");
         assert_eq!(err.code, code::INVALID_ENV);
         assert!(err.msg.contains("FROB"));
     }
 
     #[test]
     fn add_without_netns_names_the_variable() {
-        let vars: Vec<_> = ADD.iter().filter(|(k, _)| *k != "CNI_NETNS").copied().collect();
-        let err = env(&vars).unwrap_err();
+        let vars: Vec<_> = ADD
+            .iter()
+            .filter(|(k, _)| *k != "CNI_NETNS")
+            .copied()
+            .collect();
+        let err = env(&vars).expect_err("must be refused");
         assert_eq!(err.code, code::INVALID_ENV);
         assert_eq!(err.msg, "required env variables [CNI_NETNS] missing");
     }
 
     #[test]
     fn empty_value_counts_as_missing() {
-        let err = env(&with(ADD, &[("CNI_IFNAME", ""), ("CNI_CONTAINERID", "")])).unwrap_err();
-        assert_eq!(err.msg, "required env variables [CNI_CONTAINERID,CNI_IFNAME] missing");
+        let err = env(&with(ADD, &[("CNI_IFNAME", ""), ("CNI_CONTAINERID", "")]))
+            .expect_err("must be refused");
+        assert_eq!(
+            err.msg,
+            "required env variables [CNI_CONTAINERID,CNI_IFNAME] missing"
+        );
     }
 
     #[test]
@@ -353,7 +380,10 @@ mod tests {
             .into_iter()
             .filter(|(k, _)| *k != "CNI_NETNS")
             .collect();
-        assert_eq!(env(&vars).unwrap_err().code, code::INVALID_ENV);
+        assert_eq!(
+            env(&vars).expect_err("must be refused").code,
+            code::INVALID_ENV
+        );
     }
 
     #[test]
@@ -366,7 +396,7 @@ mod tests {
 
     #[test]
     fn relative_netns_is_refused() {
-        let err = env(&with(ADD, &[("CNI_NETNS", "netns/pod")])).unwrap_err();
+        let err = env(&with(ADD, &[("CNI_NETNS", "netns/pod")])).expect_err("must be refused");
         assert_eq!(err.code, code::INVALID_ENV);
     }
 
@@ -376,9 +406,15 @@ mod tests {
             assert!(validate_container_id(good).is_ok(), "{good}");
         }
         for bad in ["", "-abc", ".x", "_x", "a/b", "a b", "a:b", "ä"] {
-            assert_eq!(validate_container_id(bad).unwrap_err().code, code::INVALID_ENV, "{bad}");
+            assert_eq!(
+                validate_container_id(bad)
+                    .expect_err("must be refused")
+                    .code,
+                code::INVALID_ENV,
+                "{bad}"
+            );
         }
-        let err = env(&with(ADD, &[("CNI_CONTAINERID", "../etc")])).unwrap_err();
+        let err = env(&with(ADD, &[("CNI_CONTAINERID", "../etc")])).expect_err("must be refused");
         assert_eq!(err.code, code::INVALID_ENV);
     }
 
@@ -387,8 +423,21 @@ mod tests {
         for good in ["eth0", "a", "net1", "123456789012345"] {
             assert!(validate_ifname(good).is_ok(), "{good}");
         }
-        for bad in ["", ".", "..", "a/b", "a:b", "a b", "a\tb", "1234567890123456"] {
-            assert_eq!(validate_ifname(bad).unwrap_err().code, code::INVALID_ENV, "{bad}");
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "a:b",
+            "a b",
+            "a\tb",
+            "1234567890123456",
+        ] {
+            assert_eq!(
+                validate_ifname(bad).expect_err("must be refused").code,
+                code::INVALID_ENV,
+                "{bad}"
+            );
         }
     }
 
@@ -418,17 +467,21 @@ mod tests {
 
     #[test]
     fn unknown_key_without_ignore_unknown_is_refused() {
-        let err = parse_args("K8S_POD_NAME=x;FOO=bar").unwrap_err();
+        let err = parse_args("K8S_POD_NAME=x;FOO=bar").expect_err("must be refused");
         assert_eq!(err.code, code::INVALID_ENV);
         assert!(err.details.contains("FOO"));
-        let err = parse_args("IgnoreUnknown=0;FOO=bar").unwrap_err();
+        let err = parse_args("IgnoreUnknown=0;FOO=bar").expect_err("must be refused");
         assert_eq!(err.code, code::INVALID_ENV);
     }
 
     #[test]
     fn malformed_pairs_are_refused() {
         for bad in ["K8S_POD_NAME", "=x", "IgnoreUnknown=maybe"] {
-            assert_eq!(parse_args(bad).unwrap_err().code, code::INVALID_ENV, "{bad}");
+            assert_eq!(
+                parse_args(bad).expect_err("must be refused").code,
+                code::INVALID_ENV,
+                "{bad}"
+            );
         }
     }
 
@@ -441,7 +494,8 @@ mod tests {
 
     #[test]
     fn later_duplicate_wins_and_empty_value_clears() {
-        let args = parse_args("K8S_POD_NAME=a;K8S_POD_NAME=b;K8S_POD_UID=x;K8S_POD_UID=").expect("valid");
+        let args =
+            parse_args("K8S_POD_NAME=a;K8S_POD_NAME=b;K8S_POD_UID=x;K8S_POD_UID=").expect("valid");
         assert_eq!(args.pod_name.as_deref(), Some("b"));
         assert_eq!(args.pod_uid, None);
     }

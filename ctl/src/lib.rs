@@ -1,1 +1,255 @@
+//! `weftctl`, the operator's command line.
+//!
+//! It talks gRPC to weft's services: the standard health service on each,
+//! the datapath's `Datapath` service, identity-svc's `Identity` and
+//! ipam-svc's `Ipam`. Every command prints a table for people or, with
+//! `-o json`, the same data as JSON for scripts.
 
+pub mod connect;
+pub mod table;
+pub mod views;
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use futures::future::join_all;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+use weft_proto::{
+    datapath::v1::{
+        DumpLbMapsRequest, ListEndpointsRequest, ListServicesRequest, StatusRequest,
+        datapath_client::DatapathClient,
+    },
+    identity::v1::{ListRequest as IdentityListRequest, identity_client::IdentityClient},
+    ipam::v1::{ListRequest as IpamListRequest, ipam_client::IpamClient},
+};
+
+pub use connect::CtlError;
+use connect::Target;
+use views::{
+    DatapathStatusView, EndpointList, HealthView, IdentityList, IpamList, LbMaps, ServiceList,
+    StatusReport, View,
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "weftctl", version, about = "Inspect a weft node and cluster")]
+pub struct Cli {
+    /// datapath-svc's gRPC address.
+    #[arg(
+        long,
+        global = true,
+        env = "WEFT_DATAPATH",
+        default_value = "http://127.0.0.1:9403"
+    )]
+    pub datapath: String,
+
+    /// svc-watcher's gRPC address.
+    #[arg(
+        long,
+        global = true,
+        env = "WEFT_WATCHER",
+        default_value = "http://127.0.0.1:9400"
+    )]
+    pub watcher: String,
+
+    /// ipam-svc's gRPC address.
+    #[arg(
+        long,
+        global = true,
+        env = "WEFT_IPAM",
+        default_value = "http://127.0.0.1:9401"
+    )]
+    pub ipam: String,
+
+    /// identity-svc's gRPC address.
+    #[arg(
+        long,
+        global = true,
+        env = "WEFT_IDENTITY",
+        default_value = "http://127.0.0.1:9402"
+    )]
+    pub identity: String,
+
+    /// Output format.
+    #[arg(short = 'o', long, global = true, env = "WEFT_OUTPUT", value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+
+    /// Bound on connecting to and calling each service (5s, 500ms, 1m).
+    #[arg(long, global = true, env = "WEFT_TIMEOUT", default_value = "5s", value_parser = connect::parse_duration)]
+    pub timeout: Duration,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Health of every service and the datapath's state; exits non-zero if
+    /// anything is unhealthy.
+    Status,
+    /// Load-balanced services as the datapath programmed them.
+    #[command(subcommand)]
+    Service(ListOnly),
+    /// The pods on this node.
+    #[command(subcommand)]
+    Endpoint(ListOnly),
+    /// Security identities.
+    #[command(subcommand)]
+    Identity(ListOnly),
+    /// Pod CIDRs per node and pool use.
+    #[command(subcommand)]
+    Ipam(ListOnly),
+    /// Raw eBPF map contents.
+    #[command(subcommand)]
+    Bpf(Bpf),
+}
+
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum ListOnly {
+    /// List them.
+    List,
+}
+
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum Bpf {
+    /// The load-balancer maps.
+    #[command(subcommand)]
+    Lb(ListOnly),
+}
+
+/// What a command produced: the text to print and whether all was well
+/// (the exit code).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub text: String,
+    pub ok: bool,
+}
+
+/// Runs the command. Failing to reach the one service a list command needs
+/// is an error; `status` reports every failure in its output instead.
+pub async fn run(cli: &Cli) -> Result<Report, CtlError> {
+    let target = |service: &'static str, address: &str| Target::new(service, address, cli.timeout);
+    let datapath = target("datapath-svc", &cli.datapath);
+    match cli.command {
+        Command::Status => {
+            let report = status(cli).await;
+            let ok = report.healthy;
+            Ok(Report {
+                text: render(&report, cli.output),
+                ok,
+            })
+        }
+        Command::Service(ListOnly::List) => {
+            let mut client = DatapathClient::new(datapath.connect().await?);
+            let resp = datapath
+                .call(client.list_services(ListServicesRequest {}))
+                .await?;
+            Ok(ok_report(&ServiceList::from(resp), cli.output))
+        }
+        Command::Endpoint(ListOnly::List) => {
+            let mut client = DatapathClient::new(datapath.connect().await?);
+            let resp = datapath
+                .call(client.list_endpoints(ListEndpointsRequest {}))
+                .await?;
+            Ok(ok_report(&EndpointList::from(resp), cli.output))
+        }
+        Command::Bpf(Bpf::Lb(ListOnly::List)) => {
+            let mut client = DatapathClient::new(datapath.connect().await?);
+            let resp = datapath
+                .call(client.dump_lb_maps(DumpLbMapsRequest {}))
+                .await?;
+            Ok(ok_report(&LbMaps::from(resp), cli.output))
+        }
+        Command::Identity(ListOnly::List) => {
+            let identity = target("identity-svc", &cli.identity);
+            let mut client = IdentityClient::new(identity.connect().await?);
+            let resp = identity.call(client.list(IdentityListRequest {})).await?;
+            Ok(ok_report(&IdentityList::from(resp), cli.output))
+        }
+        Command::Ipam(ListOnly::List) => {
+            let ipam = target("ipam-svc", &cli.ipam);
+            let mut client = IpamClient::new(ipam.connect().await?);
+            let resp = ipam.call(client.list(IpamListRequest {})).await?;
+            Ok(ok_report(&IpamList::from(resp), cli.output))
+        }
+    }
+}
+
+fn ok_report(view: &impl View, output: Output) -> Report {
+    Report {
+        text: render(view, output),
+        ok: true,
+    }
+}
+
+fn render(view: &impl View, output: Output) -> String {
+    match output {
+        Output::Table => view.table(),
+        Output::Json => {
+            // The views are plain data: serialising them cannot fail.
+            let mut text = serde_json::to_string_pretty(view).unwrap_or_default();
+            text.push('\n');
+            text
+        }
+    }
+}
+
+/// Health of every service, checked at once, and the datapath's status.
+async fn status(cli: &Cli) -> StatusReport {
+    let services = [
+        ("svc-watcher", &cli.watcher),
+        ("ipam-svc", &cli.ipam),
+        ("identity-svc", &cli.identity),
+        ("datapath-svc", &cli.datapath),
+    ];
+    let checks = services
+        .iter()
+        .map(|(name, address)| health(Target::new(name, address, cli.timeout)));
+    let datapath = Target::new("datapath-svc", &cli.datapath, cli.timeout);
+    let (health, datapath) = tokio::join!(join_all(checks), datapath_status(&datapath));
+    StatusReport::new(health, datapath)
+}
+
+async fn health(target: Target) -> HealthView {
+    let result = async {
+        let mut client = HealthClient::new(target.connect().await?);
+        target
+            .call(client.check(HealthCheckRequest {
+                service: String::new(),
+            }))
+            .await
+    }
+    .await;
+    let (status, error) = match result {
+        Ok(resp) => {
+            let status = ServingStatus::try_from(resp.status).unwrap_or(ServingStatus::Unknown);
+            (status.as_str_name().to_string(), None)
+        }
+        Err(e @ (CtlError::Unreachable { .. } | CtlError::BadAddress { .. })) => {
+            ("UNREACHABLE".to_string(), Some(e.to_string()))
+        }
+        Err(e) => ("ERROR".to_string(), Some(e.to_string())),
+    };
+    HealthView {
+        name: target.service.to_string(),
+        address: target.address,
+        status,
+        error,
+    }
+}
+
+async fn datapath_status(target: &Target) -> Result<DatapathStatusView, String> {
+    let result = async {
+        let mut client = DatapathClient::new(target.connect().await?);
+        target.call(client.status(StatusRequest {})).await
+    }
+    .await;
+    result.map(Into::into).map_err(|e| e.to_string())
+}

@@ -1,0 +1,35 @@
+//! The `weftctl` executable.
+
+use std::{io::Write as _, process::ExitCode};
+
+use clap::Parser as _;
+
+fn main() -> ExitCode {
+    let cli = weftctl::Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("weftctl: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(weftctl::run(&cli)) {
+        Ok(report) => {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(report.text.as_bytes());
+            let _ = out.flush();
+            if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("weftctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
