@@ -17,26 +17,31 @@ fn main() {
     let clang = env::var("CLANG").unwrap_or_else(|_| "clang".to_string());
     let arch_include = format!("/usr/include/{}-linux-gnu", arch());
 
-    run(Command::new(&clang).args([
-        "-O2",
-        "-g",
-        "-Wall",
-        "-Werror",
-        "-target",
-        "bpf",
-        "-I",
-        &arch_include,
-        "-c",
-        "bpf/weft.bpf.c",
-        "-o",
-    ])
-    .arg(out.join("weft.bpf.o")));
+    run(Command::new(&clang)
+        .args([
+            "-O2",
+            "-g",
+            "-Wall",
+            "-Werror",
+            "-target",
+            "bpf",
+            "-I",
+            &arch_include,
+            "-c",
+            "bpf/weft.bpf.c",
+            "-o",
+        ])
+        .arg(out.join("weft.bpf.o")));
 
     let probe = out.join("layout_probe");
-    run(Command::new(env::var("CC").unwrap_or_else(|_| "cc".to_string()))
-        .args(["-Wall", "-I", &arch_include, "bpf/layout_probe.c", "-o"])
-        .arg(&probe));
-    let layout = Command::new(&probe).output().expect("running the layout probe");
+    run(
+        Command::new(env::var("CC").unwrap_or_else(|_| "cc".to_string()))
+            .args(["-Wall", "-I", &arch_include, "bpf/layout_probe.c", "-o"])
+            .arg(&probe),
+    );
+    let layout = Command::new(&probe)
+        .output()
+        .expect("running the layout probe");
     assert!(layout.status.success(), "layout probe failed");
     std::fs::write(out.join("layout.rs"), layout.stdout).expect("writing layout.rs");
 }

@@ -49,7 +49,11 @@ pub struct CniFailure {
 
 impl CniFailure {
     pub fn new(grpc: tonic::Code, cni_code: u32, message: impl Into<String>) -> Self {
-        Self { grpc, cni_code, message: message.into() }
+        Self {
+            grpc,
+            cni_code,
+            message: message.into(),
+        }
     }
 
     fn invalid_env(message: impl Into<String>) -> Self {
@@ -173,27 +177,42 @@ impl Agent {
             IpamError::NoCidr => CniFailure::new(
                 tonic::Code::Unavailable,
                 cni_code::TRY_AGAIN_LATER,
-                format!("node {} has no pod CIDR yet; is ipam-svc running?", self.node),
+                format!(
+                    "node {} has no pod CIDR yet; is ipam-svc running?",
+                    self.node
+                ),
             ),
             IpamError::Exhausted(cidr) => CniFailure::new(
                 tonic::Code::ResourceExhausted,
                 cni_code::ADDRESSES_EXHAUSTED,
                 format!("no free pod address left in {cidr}"),
             ),
-            IpamError::Store(e) => CniFailure::internal(cni_code::IO_FAILURE, format!("pod address store: {e}")),
+            IpamError::Store(e) => {
+                CniFailure::internal(cni_code::IO_FAILURE, format!("pod address store: {e}"))
+            }
         })?;
 
         match self.plumb(req, ip).await {
             Ok(record) => {
-                self.metrics.cni_ops.get_or_create(&op_label("add", "ok")).inc();
+                self.metrics
+                    .cni_ops
+                    .get_or_create(&op_label("add", "ok"))
+                    .inc();
                 Ok(record.result())
             }
             Err(e) => {
                 let host_ifname = podnet::host_ifname(&req.container_id, &req.ifname);
-                let _ = self.programs.lock().unwrap_or_else(|p| p.into_inner()).detach(&host_ifname);
+                let _ = self
+                    .programs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .detach(&host_ifname);
                 let _ = podnet::delete(&self.netlink, &host_ifname).await;
                 let _ = self.ipam.release(&key).await;
-                self.metrics.cni_ops.get_or_create(&op_label("add", "error")).inc();
+                self.metrics
+                    .cni_ops
+                    .get_or_create(&op_label("add", "error"))
+                    .inc();
                 Err(e)
             }
         }
@@ -202,9 +221,16 @@ impl Agent {
     async fn plumb(&self, req: &CniRequest, ip: Ipv4Addr) -> Result<EndpointRecord, CniFailure> {
         let host_ifname = podnet::host_ifname(&req.container_id, &req.ifname);
         let mtu = if req.mtu > 0 { req.mtu } else { self.mtu };
-        let link = podnet::create(&self.netlink, &host_ifname, Path::new(&req.netns), &req.ifname, ip, mtu)
-            .await
-            .map_err(|e| CniFailure::internal(cni_code::NETWORK_SETUP, e.to_string()))?;
+        let link = podnet::create(
+            &self.netlink,
+            &host_ifname,
+            Path::new(&req.netns),
+            &req.ifname,
+            ip,
+            mtu,
+        )
+        .await
+        .map_err(|e| CniFailure::internal(cni_code::NETWORK_SETUP, e.to_string()))?;
         self.programs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -238,7 +264,11 @@ impl Agent {
             None => {
                 // An ADD that crashed half-way may have left an address or a veth.
                 let host_ifname = podnet::host_ifname(&req.container_id, &req.ifname);
-                let _ = self.programs.lock().unwrap_or_else(|p| p.into_inner()).detach(&host_ifname);
+                let _ = self
+                    .programs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .detach(&host_ifname);
                 podnet::delete(&self.netlink, &host_ifname)
                     .await
                     .map_err(|e| CniFailure::internal(cni_code::NETWORK_SETUP, e.to_string()))?;
@@ -248,7 +278,10 @@ impl Agent {
                     .map_err(|e| CniFailure::internal(cni_code::IO_FAILURE, e.to_string()))?;
             }
         }
-        self.metrics.cni_ops.get_or_create(&op_label("del", "ok")).inc();
+        self.metrics
+            .cni_ops
+            .get_or_create(&op_label("del", "ok"))
+            .inc();
         Ok(())
     }
 
@@ -275,9 +308,17 @@ impl Agent {
     pub async fn check(&self, req: &CniRequest) -> Result<(), CniFailure> {
         validate_attachment(req, true)?;
         let key = attachment_key(&req.container_id, &req.ifname);
-        let record = self.endpoints.get(&key).map_err(store_failure)?.ok_or_else(|| {
-            CniFailure::new(tonic::Code::NotFound, cni_code::UNKNOWN_CONTAINER, format!("no attachment {key}"))
-        })?;
+        let record = self
+            .endpoints
+            .get(&key)
+            .map_err(store_failure)?
+            .ok_or_else(|| {
+                CniFailure::new(
+                    tonic::Code::NotFound,
+                    cni_code::UNKNOWN_CONTAINER,
+                    format!("no attachment {key}"),
+                )
+            })?;
         if let Some(prev) = &req.prev_result {
             let want = format!("{}/32", record.ip);
             if !prev.ips.is_empty() && !prev.ips.iter().any(|i| i.address == want) {
@@ -291,19 +332,29 @@ impl Agent {
     }
 
     async fn check_record(&self, record: &EndpointRecord) -> Result<(), CniFailure> {
-        let ip: Ipv4Addr = record
-            .ip
-            .parse()
-            .map_err(|_| CniFailure::internal(cni_code::IO_FAILURE, format!("stored address {:?} is invalid", record.ip)))?;
-        podnet::check(&self.netlink, &record.host_ifname, Path::new(&record.netns), &record.ifname, ip)
-            .await
-            .map_err(|e| CniFailure::internal(cni_code::NETWORK_SETUP, e.to_string()))
+        let ip: Ipv4Addr = record.ip.parse().map_err(|_| {
+            CniFailure::internal(
+                cni_code::IO_FAILURE,
+                format!("stored address {:?} is invalid", record.ip),
+            )
+        })?;
+        podnet::check(
+            &self.netlink,
+            &record.host_ifname,
+            Path::new(&record.netns),
+            &record.ifname,
+            ip,
+        )
+        .await
+        .map_err(|e| CniFailure::internal(cni_code::NETWORK_SETUP, e.to_string()))
     }
 
     /// CNI GC: releases every attachment the runtime no longer knows.
     pub async fn gc(&self, valid: &[CniAttachment]) -> Result<Vec<CniAttachment>, CniFailure> {
-        let keep: std::collections::HashSet<String> =
-            valid.iter().map(|a| attachment_key(&a.container_id, &a.ifname)).collect();
+        let keep: std::collections::HashSet<String> = valid
+            .iter()
+            .map(|a| attachment_key(&a.container_id, &a.ifname))
+            .collect();
         let mut released = Vec::new();
         for record in self.endpoints.all().map_err(store_failure)? {
             if keep.contains(&attachment_key(&record.container_id, &record.ifname)) {
@@ -315,7 +366,10 @@ impl Agent {
                 ..Default::default()
             };
             self.del(&req).await?;
-            released.push(CniAttachment { container_id: record.container_id, ifname: record.ifname });
+            released.push(CniAttachment {
+                container_id: record.container_id,
+                ifname: record.ifname,
+            });
         }
         Ok(released)
     }
@@ -326,7 +380,11 @@ impl Agent {
     pub async fn restore_endpoints(&self) -> anyhow::Result<usize> {
         let mut restored = 0;
         for record in self.endpoints.all()? {
-            let attached = self.programs.lock().unwrap_or_else(|p| p.into_inner()).attach(&record.host_ifname);
+            let attached = self
+                .programs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .attach(&record.host_ifname);
             match attached {
                 Ok(()) => restored += 1,
                 Err(e) => {
@@ -364,9 +422,15 @@ fn store_failure(e: weft_common::store::StoreError) -> CniFailure {
 /// Checks what the runtime passed, naming the offending variable.
 fn validate_attachment(req: &CniRequest, needs_netns: bool) -> Result<(), CniFailure> {
     if req.container_id.is_empty() {
-        return Err(CniFailure::invalid_env("container_id (CNI_CONTAINERID) is required"));
+        return Err(CniFailure::invalid_env(
+            "container_id (CNI_CONTAINERID) is required",
+        ));
     }
-    if !req.container_id.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
+    if !req
+        .container_id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+    {
         return Err(CniFailure::invalid_env(format!(
             "container_id (CNI_CONTAINERID) {:?} may hold only letters, digits, '_', '.' and '-'",
             req.container_id
@@ -377,16 +441,23 @@ fn validate_attachment(req: &CniRequest, needs_netns: bool) -> Result<(), CniFai
         || ifname.len() > 15
         || ifname == "."
         || ifname == ".."
-        || ifname.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
+        || ifname
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace())
     {
-        return Err(CniFailure::invalid_env(format!("ifname (CNI_IFNAME) {ifname:?} is not a valid interface name")));
+        return Err(CniFailure::invalid_env(format!(
+            "ifname (CNI_IFNAME) {ifname:?} is not a valid interface name"
+        )));
     }
     if needs_netns {
         if req.netns.is_empty() {
             return Err(CniFailure::invalid_env("netns (CNI_NETNS) is required"));
         }
         if !Path::new(&req.netns).exists() {
-            return Err(CniFailure::invalid_env(format!("netns (CNI_NETNS) {} does not exist", req.netns)));
+            return Err(CniFailure::invalid_env(format!(
+                "netns (CNI_NETNS) {} does not exist",
+                req.netns
+            )));
         }
     }
     Ok(())
@@ -395,22 +466,35 @@ fn validate_attachment(req: &CniRequest, needs_netns: bool) -> Result<(), CniFai
 impl Agent {
     /// The identity of a pod on this node and its security labels; `init`
     /// until identity-svc has allocated one for the labels.
-    pub fn identity_of(&self, namespace: &str, name: &str) -> (u32, std::collections::BTreeMap<String, String>) {
+    pub fn identity_of(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> (u32, std::collections::BTreeMap<String, String>) {
         use weft_common::labels::{canonical_key, reserved, security_labels};
         use weft_common::watch::ObjKey;
         use weft_proto::watcher::v1::{Kind, Resource, resource};
 
         let mirror = self.cluster.read().unwrap_or_else(|p| p.into_inner());
-        let Some(Resource { kind: Some(resource::Kind::Pod(pod)) }) =
-            mirror.get(&ObjKey::new(Kind::Pod, namespace, name))
+        let Some(Resource {
+            kind: Some(resource::Kind::Pod(pod)),
+        }) = mirror.get(&ObjKey::new(Kind::Pod, namespace, name))
         else {
             return (reserved::INIT, Default::default());
         };
-        let pod_labels = pod.meta.as_ref().map(|m| m.labels.clone()).unwrap_or_default();
+        let pod_labels = pod
+            .meta
+            .as_ref()
+            .map(|m| m.labels.clone())
+            .unwrap_or_default();
         let ns_labels = match mirror.get(&ObjKey::new(Kind::Namespace, "", namespace)) {
-            Some(Resource { kind: Some(resource::Kind::Namespace(ns)) }) => {
-                ns.meta.as_ref().map(|m| m.labels.clone()).unwrap_or_default()
-            }
+            Some(Resource {
+                kind: Some(resource::Kind::Namespace(ns)),
+            }) => ns
+                .meta
+                .as_ref()
+                .map(|m| m.labels.clone())
+                .unwrap_or_default(),
             _ => Default::default(),
         };
         let labels = security_labels(namespace, &pod_labels, &ns_labels);
@@ -430,18 +514,29 @@ mod tests {
     use super::*;
 
     fn req(cid: &str, ifname: &str, netns: &str) -> CniRequest {
-        CniRequest { container_id: cid.into(), ifname: ifname.into(), netns: netns.into(), ..Default::default() }
+        CniRequest {
+            container_id: cid.into(),
+            ifname: ifname.into(),
+            netns: netns.into(),
+            ..Default::default()
+        }
     }
 
     #[test]
     fn bad_attachments_name_the_variable() {
-        let e = validate_attachment(&req("", "eth0", "/proc/self/ns/net"), true).expect_err("no id");
+        let e =
+            validate_attachment(&req("", "eth0", "/proc/self/ns/net"), true).expect_err("no id");
         assert!(e.message.contains("CNI_CONTAINERID") && e.cni_code == cni_code::INVALID_ENV);
-        let e = validate_attachment(&req("abc", "this-name-is-too-long", "/proc/self/ns/net"), true).expect_err("long");
+        let e = validate_attachment(
+            &req("abc", "this-name-is-too-long", "/proc/self/ns/net"),
+            true,
+        )
+        .expect_err("long");
         assert!(e.message.contains("CNI_IFNAME"));
         let e = validate_attachment(&req("abc", "eth0", ""), true).expect_err("no netns");
         assert!(e.message.contains("CNI_NETNS"));
-        let e = validate_attachment(&req("abc", "eth0", "/nonexistent/netns"), true).expect_err("missing netns");
+        let e = validate_attachment(&req("abc", "eth0", "/nonexistent/netns"), true)
+            .expect_err("missing netns");
         assert!(e.message.contains("does not exist"));
         validate_attachment(&req("abc", "eth0", ""), false).expect("DEL needs no netns");
         validate_attachment(&req("abc-1.2_3", "eth0", "/proc/self/ns/net"), true).expect("valid");

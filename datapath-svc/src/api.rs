@@ -5,9 +5,10 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 use weft_proto::datapath::v1::{
-    BackendEntry, ComponentStatus, DumpLbMapsRequest, DumpLbMapsResponse, EndpointEntry, LbBackendRow,
-    LbRevNatRow, LbServiceRow, ListEndpointsRequest, ListEndpointsResponse, ListServicesRequest,
-    ListServicesResponse, MapStatus, ServiceEntry, StatusRequest, StatusResponse, datapath_server::Datapath,
+    BackendEntry, ComponentStatus, DumpLbMapsRequest, DumpLbMapsResponse, EndpointEntry,
+    LbBackendRow, LbRevNatRow, LbServiceRow, ListEndpointsRequest, ListEndpointsResponse,
+    ListServicesRequest, ListServicesResponse, MapStatus, ServiceEntry, StatusRequest,
+    StatusResponse, datapath_server::Datapath,
 };
 
 use crate::{
@@ -34,7 +35,13 @@ fn internal(e: impl std::fmt::Display) -> Status {
 impl Datapath for DatapathService {
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let a = &self.agent;
-        let last_error = a.peers.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_default();
+        let last_error = a
+            .peers
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_default();
         let peer = |name: &str, up: bool| ComponentStatus {
             name: name.into(),
             connected: up,
@@ -47,7 +54,11 @@ impl Datapath for DatapathService {
                 .maps()
                 .fill()
                 .into_iter()
-                .map(|(name, entries, max)| MapStatus { name: name.into(), entries, max_entries: max })
+                .map(|(name, entries, max)| MapStatus {
+                    name: name.into(),
+                    entries,
+                    max_entries: max,
+                })
                 .collect::<Vec<_>>();
             (lb.programmed().len(), maps)
         };
@@ -59,7 +70,10 @@ impl Datapath for DatapathService {
             ComponentStatus {
                 name: "bpf".into(),
                 connected: true,
-                detail: format!("{frontends} frontends, {endpoints} endpoints, pinned at {}", a.pin_dir.display()),
+                detail: format!(
+                    "{frontends} frontends, {endpoints} endpoints, pinned at {}",
+                    a.pin_dir.display()
+                ),
                 last_error,
             },
         ];
@@ -70,11 +84,18 @@ impl Datapath for DatapathService {
             pod_ips_total: a.ipam.capacity(),
             components,
             maps,
-            features: vec!["ClusterIP".into(), "ExternalIP".into(), "LoadBalancer".into()],
+            features: vec![
+                "ClusterIP".into(),
+                "ExternalIP".into(),
+                "LoadBalancer".into(),
+            ],
         }))
     }
 
-    async fn list_services(&self, _: Request<ListServicesRequest>) -> Result<Response<ListServicesResponse>, Status> {
+    async fn list_services(
+        &self,
+        _: Request<ListServicesRequest>,
+    ) -> Result<Response<ListServicesResponse>, Status> {
         let lb = self.agent.lb.lock().unwrap_or_else(|p| p.into_inner());
         let services = lb
             .programmed()
@@ -105,7 +126,10 @@ impl Datapath for DatapathService {
         Ok(Response::new(ListServicesResponse { services }))
     }
 
-    async fn list_endpoints(&self, _: Request<ListEndpointsRequest>) -> Result<Response<ListEndpointsResponse>, Status> {
+    async fn list_endpoints(
+        &self,
+        _: Request<ListEndpointsRequest>,
+    ) -> Result<Response<ListEndpointsResponse>, Status> {
         let endpoints = self
             .agent
             .endpoints
@@ -127,7 +151,10 @@ impl Datapath for DatapathService {
         Ok(Response::new(ListEndpointsResponse { endpoints }))
     }
 
-    async fn dump_lb_maps(&self, _: Request<DumpLbMapsRequest>) -> Result<Response<DumpLbMapsResponse>, Status> {
+    async fn dump_lb_maps(
+        &self,
+        _: Request<DumpLbMapsRequest>,
+    ) -> Result<Response<DumpLbMapsResponse>, Status> {
         let lb = self.agent.lb.lock().unwrap_or_else(|p| p.into_inner());
         let maps = lb.maps();
         let mut services: Vec<LbServiceRow> = maps
@@ -139,7 +166,9 @@ impl Datapath for DatapathService {
                     "{}:{}/{}",
                     addr_from_be(k.address),
                     port_from_be(k.dport),
-                    crate::lb::Proto::from_number(k.proto).map(|p| p.to_string()).unwrap_or_else(|| k.proto.to_string())
+                    crate::lb::Proto::from_number(k.proto)
+                        .map(|p| p.to_string())
+                        .unwrap_or_else(|| k.proto.to_string())
                 ),
                 slot: u32::from(k.backend_slot),
                 backend_id: v.backend_id,
@@ -170,6 +199,10 @@ impl Datapath for DatapathService {
             })
             .collect();
         rev_nat.sort_by_key(|r| r.id);
-        Ok(Response::new(DumpLbMapsResponse { services, backends, rev_nat }))
+        Ok(Response::new(DumpLbMapsResponse {
+            services,
+            backends,
+            rev_nat,
+        }))
     }
 }

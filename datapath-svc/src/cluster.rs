@@ -27,7 +27,13 @@ use crate::{
 };
 
 /// The kinds a datapath follows.
-pub const KINDS: [Kind; 5] = [Kind::Service, Kind::EndpointSlice, Kind::Pod, Kind::Namespace, Kind::Node];
+pub const KINDS: [Kind; 5] = [
+    Kind::Service,
+    Kind::EndpointSlice,
+    Kind::Pod,
+    Kind::Namespace,
+    Kind::Node,
+];
 
 /// Marks a cache that once held a complete state.
 const SYNCED_MARKER: &str = "\u{0}synced";
@@ -41,7 +47,10 @@ pub struct ClusterCache {
 
 impl ClusterCache {
     pub fn open(store: &Store) -> Result<Self, StoreError> {
-        Ok(Self { tree: store.tree("cluster")?, meta: store.raw_tree("cluster_meta")? })
+        Ok(Self {
+            tree: store.tree("cluster")?,
+            meta: store.raw_tree("cluster_meta")?,
+        })
     }
 
     /// The cached state; synced when the cache once held a complete one.
@@ -96,7 +105,10 @@ fn slice_service(r: &Resource) -> Option<SvcKey> {
 impl LbController {
     fn desired_for(&self, mirror: &Mirror, key: &SvcKey) -> Vec<(Frontend, FrontendSpec)> {
         let svc_key = ObjKey::new(Kind::Service, &key.0, &key.1);
-        let Some(Resource { kind: Some(resource::Kind::Service(svc)) }) = mirror.get(&svc_key) else {
+        let Some(Resource {
+            kind: Some(resource::Kind::Service(svc)),
+        }) = mirror.get(&svc_key)
+        else {
             return Vec::new();
         };
         let slices: Vec<_> = self
@@ -104,10 +116,14 @@ impl LbController {
             .get(key)
             .into_iter()
             .flatten()
-            .filter_map(|name| match mirror.get(&ObjKey::new(Kind::EndpointSlice, &key.0, name)) {
-                Some(Resource { kind: Some(resource::Kind::EndpointSlice(s)) }) => Some(s),
-                _ => None,
-            })
+            .filter_map(
+                |name| match mirror.get(&ObjKey::new(Kind::EndpointSlice, &key.0, name)) {
+                    Some(Resource {
+                        kind: Some(resource::Kind::EndpointSlice(s)),
+                    }) => Some(s),
+                    _ => None,
+                },
+            )
             .collect();
         lb::service_frontends(svc, slices.iter().copied())
     }
@@ -121,13 +137,16 @@ impl LbController {
                 self.slices.entry(svc).or_default().insert(key.name.clone());
             }
         }
-        let services: Vec<SvcKey> =
-            mirror.of_kind(Kind::Service).map(|(k, _)| (k.namespace.clone(), k.name.clone())).collect();
+        let services: Vec<SvcKey> = mirror
+            .of_kind(Kind::Service)
+            .map(|(k, _)| (k.namespace.clone(), k.name.clone()))
+            .collect();
         let mut desired: BTreeMap<Frontend, FrontendSpec> = BTreeMap::new();
         self.frontends.clear();
         for key in services {
             let fes = self.desired_for(mirror, &key);
-            self.frontends.insert(key, fes.iter().map(|(f, _)| *f).collect());
+            self.frontends
+                .insert(key, fes.iter().map(|(f, _)| *f).collect());
             desired.extend(fes);
         }
         let mut lb = agent.lb.lock().unwrap_or_else(|p| p.into_inner());
@@ -140,7 +159,13 @@ impl LbController {
     }
 
     /// Applies the objects in `changed`, which the mirror already holds.
-    pub fn apply_changes(&mut self, agent: &Agent, mirror: &Mirror, changed: &[ObjKey], before: &HashMap<ObjKey, Option<SvcKey>>) -> anyhow::Result<()> {
+    pub fn apply_changes(
+        &mut self,
+        agent: &Agent,
+        mirror: &Mirror,
+        changed: &[ObjKey],
+        before: &HashMap<ObjKey, Option<SvcKey>>,
+    ) -> anyhow::Result<()> {
         let mut dirty: BTreeSet<SvcKey> = BTreeSet::new();
         for key in changed {
             match key.kind {
@@ -156,7 +181,10 @@ impl LbController {
                         dirty.insert(old.clone());
                     }
                     if let Some(new) = mirror.get(key).and_then(slice_service) {
-                        self.slices.entry(new.clone()).or_default().insert(key.name.clone());
+                        self.slices
+                            .entry(new.clone())
+                            .or_default()
+                            .insert(key.name.clone());
                         dirty.insert(new);
                     }
                 }
@@ -173,7 +201,10 @@ impl LbController {
             if let Some(old) = self.frontends.get(&svc) {
                 for f in old.iter().filter(|f| !new.contains(f)) {
                     // Unless another Service claimed the same frontend.
-                    let claimed = self.frontends.iter().any(|(k, v)| *k != svc && v.contains(f));
+                    let claimed = self
+                        .frontends
+                        .iter()
+                        .any(|(k, v)| *k != svc && v.contains(f));
                     if !claimed {
                         lb.apply(*f, None)?;
                     }
@@ -241,9 +272,7 @@ pub async fn follow(
                 }
                 Applied::Nothing => Ok(()),
             };
-            if is_synced
-                && let Err(e) = cache.mark_synced()
-            {
+            if is_synced && let Err(e) = cache.mark_synced() {
                 tracing::warn!(error = %e, "caching the cluster state");
             }
             // A complete state (a snapshot, or a resume that caught up) is
@@ -260,13 +289,24 @@ pub async fn follow(
         let scope = if is_synced { "full" } else { "delta" };
         match result {
             Ok(()) => {
-                agent.metrics.lb_sync_seconds.observe(started.elapsed().as_secs_f64());
-                agent.metrics.lb_syncs.get_or_create(&labels(scope, "ok")).inc();
+                agent
+                    .metrics
+                    .lb_sync_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                agent
+                    .metrics
+                    .lb_syncs
+                    .get_or_create(&labels(scope, "ok"))
+                    .inc();
             }
             Err(e) => {
                 tracing::error!(error = %e, "programming the load-balancer maps failed; will retry on the next change");
                 agent.peers.record_error(&e);
-                agent.metrics.lb_syncs.get_or_create(&labels(scope, "error")).inc();
+                agent
+                    .metrics
+                    .lb_syncs
+                    .get_or_create(&labels(scope, "error"))
+                    .inc();
                 needs_full_sync = true;
             }
         }
@@ -274,5 +314,8 @@ pub async fn follow(
 }
 
 fn labels(scope: &str, outcome: &str) -> Vec<(String, String)> {
-    vec![("scope".into(), scope.into()), ("outcome".into(), outcome.into())]
+    vec![
+        ("scope".into(), scope.into()),
+        ("outcome".into(), outcome.into()),
+    ]
 }

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status, metadata::MetadataValue};
 use weft_proto::datapath::v1::{
-    CniCheckResponse, CniDelResponse, CniGcRequest, CniGcResponse, CniRequest, CniResult, CniStatusRequest,
-    CniStatusResponse, cni_server::Cni,
+    CniCheckResponse, CniDelResponse, CniGcRequest, CniGcResponse, CniRequest, CniResult,
+    CniStatusRequest, CniStatusResponse, cni_server::Cni,
 };
 
 use crate::agent::{Agent, CniFailure};
@@ -24,7 +24,8 @@ impl CniService {
 
 fn status(f: CniFailure) -> Status {
     let mut s = Status::new(f.grpc, f.message);
-    s.metadata_mut().insert("cni-code", MetadataValue::from(f.cni_code));
+    s.metadata_mut()
+        .insert("cni-code", MetadataValue::from(f.cni_code));
     s
 }
 
@@ -42,19 +43,36 @@ impl Cni for CniService {
     #[tracing::instrument(skip_all, fields(container_id = %request.get_ref().container_id, ifname = %request.get_ref().ifname))]
     async fn del(&self, request: Request<CniRequest>) -> Result<Response<CniDelResponse>, Status> {
         let req = request.into_inner();
-        self.agent.del(&req).await.map(|()| Response::new(CniDelResponse {})).map_err(|e| {
-            tracing::warn!(error = %e, "CNI DEL failed");
-            status(e)
-        })
+        self.agent
+            .del(&req)
+            .await
+            .map(|()| Response::new(CniDelResponse {}))
+            .map_err(|e| {
+                tracing::warn!(error = %e, "CNI DEL failed");
+                status(e)
+            })
     }
 
-    async fn check(&self, request: Request<CniRequest>) -> Result<Response<CniCheckResponse>, Status> {
+    async fn check(
+        &self,
+        request: Request<CniRequest>,
+    ) -> Result<Response<CniCheckResponse>, Status> {
         let req = request.into_inner();
-        self.agent.check(&req).await.map(|()| Response::new(CniCheckResponse {})).map_err(status)
+        self.agent
+            .check(&req)
+            .await
+            .map(|()| Response::new(CniCheckResponse {}))
+            .map_err(status)
     }
 
-    async fn status(&self, _: Request<CniStatusRequest>) -> Result<Response<CniStatusResponse>, Status> {
-        self.agent.ready().map(|()| Response::new(CniStatusResponse {})).map_err(status)
+    async fn status(
+        &self,
+        _: Request<CniStatusRequest>,
+    ) -> Result<Response<CniStatusResponse>, Status> {
+        self.agent
+            .ready()
+            .map(|()| Response::new(CniStatusResponse {}))
+            .map_err(status)
     }
 
     async fn gc(&self, request: Request<CniGcRequest>) -> Result<Response<CniGcResponse>, Status> {

@@ -74,7 +74,9 @@ pub async fn follow_ipam(agent: Arc<Agent>, channel: Channel, shutdown: Cancella
                                         }
                                         agent.ipam.set_cidr(cidr);
                                     }
-                                    Err(e) => tracing::warn!(cidr = %a.cidr, error = %e, "ipam-svc sent an invalid CIDR"),
+                                    Err(e) => {
+                                        tracing::warn!(cidr = %a.cidr, error = %e, "ipam-svc sent an invalid CIDR")
+                                    }
                                 }
                             }
                         }
@@ -109,7 +111,8 @@ pub async fn follow_identities(agent: Arc<Agent>, channel: Channel, shutdown: Ca
                 let mut stream = response.into_inner();
                 // The table is rebuilt from each connection's snapshot, and
                 // swapped in whole once it is complete.
-                let mut staging: Option<HashMap<String, identity::SecurityIdentity>> = Some(HashMap::new());
+                let mut staging: Option<HashMap<String, identity::SecurityIdentity>> =
+                    Some(HashMap::new());
                 loop {
                     let msg = tokio::select! {
                         _ = shutdown.cancelled() => return,
@@ -132,21 +135,29 @@ pub async fn follow_identities(agent: Arc<Agent>, channel: Channel, shutdown: Ca
                                     table.insert(key, id);
                                 }
                                 None => {
-                                    agent.identities.write().unwrap_or_else(|p| p.into_inner()).insert(key, id);
+                                    agent
+                                        .identities
+                                        .write()
+                                        .unwrap_or_else(|p| p.into_inner())
+                                        .insert(key, id);
                                 }
                             }
                         }
                         Some(identity_event::Event::Delete(number)) => {
                             let table = match &mut staging {
                                 Some(t) => t,
-                                None => &mut *agent.identities.write().unwrap_or_else(|p| p.into_inner()),
+                                None => &mut *agent
+                                    .identities
+                                    .write()
+                                    .unwrap_or_else(|p| p.into_inner()),
                             };
                             table.retain(|_, v| v.id != number);
                         }
                         Some(identity_event::Event::Synced(_)) => {
                             if let Some(table) = staging.take() {
                                 tracing::info!(identities = table.len(), "identity table synced");
-                                *agent.identities.write().unwrap_or_else(|p| p.into_inner()) = table;
+                                *agent.identities.write().unwrap_or_else(|p| p.into_inner()) =
+                                    table;
                             }
                         }
                         None => {}

@@ -50,11 +50,28 @@ impl EndpointRecord {
     pub fn result(&self) -> CniResult {
         CniResult {
             interfaces: vec![
-                CniInterface { name: self.host_ifname.clone(), mac: self.host_mac.clone(), sandbox: String::new(), mtu: self.mtu },
-                CniInterface { name: self.ifname.clone(), mac: self.pod_mac.clone(), sandbox: self.netns.clone(), mtu: self.mtu },
+                CniInterface {
+                    name: self.host_ifname.clone(),
+                    mac: self.host_mac.clone(),
+                    sandbox: String::new(),
+                    mtu: self.mtu,
+                },
+                CniInterface {
+                    name: self.ifname.clone(),
+                    mac: self.pod_mac.clone(),
+                    sandbox: self.netns.clone(),
+                    mtu: self.mtu,
+                },
             ],
-            ips: vec![CniIp { address: format!("{}/32", self.ip), gateway: GATEWAY.to_string(), interface: Some(1) }],
-            routes: vec![CniRoute { dst: "0.0.0.0/0".into(), gw: GATEWAY.to_string() }],
+            ips: vec![CniIp {
+                address: format!("{}/32", self.ip),
+                gateway: GATEWAY.to_string(),
+                interface: Some(1),
+            }],
+            routes: vec![CniRoute {
+                dst: "0.0.0.0/0".into(),
+                gw: GATEWAY.to_string(),
+            }],
         }
     }
 }
@@ -72,7 +89,10 @@ pub struct Endpoints {
 
 impl Endpoints {
     pub fn open(store: &Store) -> Result<Self, StoreError> {
-        Ok(Self { tree: store.tree("endpoints")?, store: store.clone() })
+        Ok(Self {
+            tree: store.tree("endpoints")?,
+            store: store.clone(),
+        })
     }
 
     pub fn get(&self, key: &str) -> Result<Option<EndpointRecord>, StoreError> {
@@ -80,7 +100,8 @@ impl Endpoints {
     }
 
     pub async fn put(&self, record: &EndpointRecord) -> Result<(), StoreError> {
-        self.tree.insert(attachment_key(&record.container_id, &record.ifname), record)?;
+        self.tree
+            .insert(attachment_key(&record.container_id, &record.ifname), record)?;
         self.store.flush().await
     }
 

@@ -149,7 +149,9 @@ pub fn service_frontends<'a>(
     svc: &Service,
     slices: impl IntoIterator<Item = &'a EndpointSlice> + Clone,
 ) -> Vec<(Frontend, FrontendSpec)> {
-    let Some(meta) = svc.meta.as_ref() else { return Vec::new() };
+    let Some(meta) = svc.meta.as_ref() else {
+        return Vec::new();
+    };
     if svc.r#type() == ServiceType::ExternalName {
         return Vec::new();
     }
@@ -157,16 +159,28 @@ pub fn service_frontends<'a>(
     let addresses = frontend_addresses(svc);
     let mut out = Vec::new();
     for port in &svc.ports {
-        let Some(proto) = Proto::from_proto(port.protocol()) else { continue };
-        let Ok(number) = u16::try_from(port.port) else { continue };
+        let Some(proto) = Proto::from_proto(port.protocol()) else {
+            continue;
+        };
+        let Ok(number) = u16::try_from(port.port) else {
+            continue;
+        };
         if number == 0 {
             continue;
         }
         let backends = port_backends(&port.name, proto, slices.clone());
         for (addr, kind) in &addresses {
             out.push((
-                Frontend { addr: *addr, port: number, proto },
-                FrontendSpec { service: name.clone(), kind: *kind, backends: backends.clone() },
+                Frontend {
+                    addr: *addr,
+                    port: number,
+                    proto,
+                },
+                FrontendSpec {
+                    service: name.clone(),
+                    kind: *kind,
+                    backends: backends.clone(),
+                },
             ));
         }
     }
@@ -176,10 +190,25 @@ pub fn service_frontends<'a>(
 fn frontend_addresses(svc: &Service) -> Vec<(Ipv4Addr, FrontendKind)> {
     let parse = |s: &String| s.parse::<Ipv4Addr>().ok();
     let mut out: Vec<(Ipv4Addr, FrontendKind)> = Vec::new();
-    out.extend(svc.cluster_ips.iter().filter_map(parse).map(|a| (a, FrontendKind::ClusterIp)));
-    out.extend(svc.external_ips.iter().filter_map(parse).map(|a| (a, FrontendKind::ExternalIp)));
+    out.extend(
+        svc.cluster_ips
+            .iter()
+            .filter_map(parse)
+            .map(|a| (a, FrontendKind::ClusterIp)),
+    );
+    out.extend(
+        svc.external_ips
+            .iter()
+            .filter_map(parse)
+            .map(|a| (a, FrontendKind::ExternalIp)),
+    );
     if svc.r#type() == ServiceType::LoadBalancer {
-        out.extend(svc.load_balancer_ips.iter().filter_map(parse).map(|a| (a, FrontendKind::LoadBalancer)));
+        out.extend(
+            svc.load_balancer_ips
+                .iter()
+                .filter_map(parse)
+                .map(|a| (a, FrontendKind::LoadBalancer)),
+        );
     }
     // One frontend per address, the first kind wins.
     let mut seen = BTreeSet::new();
@@ -206,7 +235,9 @@ fn port_backends<'a>(
         else {
             continue;
         };
-        let Ok(number) = u16::try_from(port.port) else { continue };
+        let Ok(number) = u16::try_from(port.port) else {
+            continue;
+        };
         if number == 0 {
             continue;
         }
@@ -218,14 +249,31 @@ fn port_backends<'a>(
             } else {
                 continue;
             };
-            for addr in ep.addresses.iter().filter_map(|a| a.parse::<Ipv4Addr>().ok()) {
-                out.insert(BackendSpec { backend: Backend { addr, port: number, proto }, terminating });
+            for addr in ep
+                .addresses
+                .iter()
+                .filter_map(|a| a.parse::<Ipv4Addr>().ok())
+            {
+                out.insert(BackendSpec {
+                    backend: Backend {
+                        addr,
+                        port: number,
+                        proto,
+                    },
+                    terminating,
+                });
             }
         }
     }
     // An address listed both ready and terminating counts as ready.
-    let ready: BTreeSet<Backend> = out.iter().filter(|b| !b.terminating).map(|b| b.backend).collect();
-    out.into_iter().filter(|b| !b.terminating || !ready.contains(&b.backend)).collect()
+    let ready: BTreeSet<Backend> = out
+        .iter()
+        .filter(|b| !b.terminating)
+        .map(|b| b.backend)
+        .collect();
+    out.into_iter()
+        .filter(|b| !b.terminating || !ready.contains(&b.backend))
+        .collect()
 }
 
 #[cfg(test)]
@@ -235,7 +283,11 @@ mod tests {
 
     fn svc(ips: &[&str], ports: &[(&str, Protocol, u32)]) -> Service {
         Service {
-            meta: Some(ObjectMeta { namespace: "default".into(), name: "web".into(), ..Default::default() }),
+            meta: Some(ObjectMeta {
+                namespace: "default".into(),
+                name: "web".into(),
+                ..Default::default()
+            }),
             r#type: ServiceType::ClusterIp as i32,
             cluster_ips: ips.iter().map(|s| s.to_string()).collect(),
             ports: ports
@@ -268,7 +320,11 @@ mod tests {
                 .collect(),
             ports: ports
                 .iter()
-                .map(|(n, p, port)| EndpointPort { name: n.to_string(), protocol: *p as i32, port: *port })
+                .map(|(n, p, port)| EndpointPort {
+                    name: n.to_string(),
+                    protocol: *p as i32,
+                    port: *port,
+                })
                 .collect(),
             ..Default::default()
         }
@@ -276,9 +332,15 @@ mod tests {
 
     #[test]
     fn each_port_gets_its_named_slice_port() {
-        let s = svc(&["10.96.0.10"], &[("http", Protocol::Tcp, 80), ("dns", Protocol::Udp, 53)]);
+        let s = svc(
+            &["10.96.0.10"],
+            &[("http", Protocol::Tcp, 80), ("dns", Protocol::Udp, 53)],
+        );
         let sl = slice(
-            &[("10.244.0.5", true, true, false), ("10.244.0.6", true, true, false)],
+            &[
+                ("10.244.0.5", true, true, false),
+                ("10.244.0.6", true, true, false),
+            ],
             &[("http", Protocol::Tcp, 8080), ("dns", Protocol::Udp, 5353)],
         );
         let fe = service_frontends(&s, [&sl]);
@@ -288,22 +350,39 @@ mod tests {
         assert_eq!(spec.service, "default/web");
         assert_eq!(spec.backends.len(), 2);
         assert!(spec.backends.iter().all(|b| b.backend.port == 8080));
-        assert!(fe[1].1.backends.iter().all(|b| b.backend.port == 5353 && b.backend.proto == Proto::Udp));
+        assert!(
+            fe[1]
+                .1
+                .backends
+                .iter()
+                .all(|b| b.backend.port == 5353 && b.backend.proto == Proto::Udp)
+        );
     }
 
     #[test]
     fn terminating_endpoints_take_new_connections_only_when_nothing_else_is_left() {
         let s = svc(&["10.96.0.10"], &[("", Protocol::Tcp, 80)]);
         let sl = slice(
-            &[("10.244.0.5", true, true, false), ("10.244.0.6", false, true, true), ("10.244.0.7", false, false, false)],
+            &[
+                ("10.244.0.5", true, true, false),
+                ("10.244.0.6", false, true, true),
+                ("10.244.0.7", false, false, false),
+            ],
             &[("", Protocol::Tcp, 8080)],
         );
         let (_, spec) = &service_frontends(&s, [&sl])[0];
-        assert_eq!(spec.backends.len(), 2, "not-ready, not-serving endpoints are left out");
+        assert_eq!(
+            spec.backends.len(),
+            2,
+            "not-ready, not-serving endpoints are left out"
+        );
         let sel: Vec<_> = spec.selectable().map(|b| b.addr.to_string()).collect();
         assert_eq!(sel, vec!["10.244.0.5"]);
 
-        let only_terminating = slice(&[("10.244.0.6", false, true, true)], &[("", Protocol::Tcp, 8080)]);
+        let only_terminating = slice(
+            &[("10.244.0.6", false, true, true)],
+            &[("", Protocol::Tcp, 8080)],
+        );
         let (_, spec) = &service_frontends(&s, [&only_terminating])[0];
         assert_eq!(spec.selectable().count(), 1);
     }
@@ -322,7 +401,10 @@ mod tests {
         s.external_ips = vec!["192.0.2.10".into()];
         s.load_balancer_ips = vec!["198.51.100.7".into()];
         s.r#type = ServiceType::LoadBalancer as i32;
-        let kinds: Vec<_> = service_frontends(&s, []).into_iter().map(|(f, s)| (f.addr.to_string(), s.kind)).collect();
+        let kinds: Vec<_> = service_frontends(&s, [])
+            .into_iter()
+            .map(|(f, s)| (f.addr.to_string(), s.kind))
+            .collect();
         assert_eq!(
             kinds,
             vec![

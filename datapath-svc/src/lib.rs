@@ -24,7 +24,9 @@ pub mod sync;
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
-use weft_common::{client::lazy_channel, config::CommonArgs, grpc::GrpcServer, shutdown::Shutdown, store::Store};
+use weft_common::{
+    client::lazy_channel, config::CommonArgs, grpc::GrpcServer, shutdown::Shutdown, store::Store,
+};
 use weft_proto::datapath::v1::{cni_server::CniServer, datapath_server::DatapathServer};
 
 use crate::{
@@ -86,7 +88,11 @@ impl Args {
         if self.node.is_empty() || self.node.contains('/') || self.node.len() > 253 {
             anyhow::bail!("--node: {:?} is not a valid node name", self.node);
         }
-        for (flag, target) in [("--watcher", &self.watcher), ("--ipam", &self.ipam), ("--identity", &self.identity)] {
+        for (flag, target) in [
+            ("--watcher", &self.watcher),
+            ("--ipam", &self.ipam),
+            ("--identity", &self.identity),
+        ] {
             lazy_channel(target).with_context(|| format!("{flag}: {target:?}"))?;
         }
         self.common.metrics_addr()?;
@@ -142,10 +148,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let restored = agent.restore_endpoints().await?;
     let mut controller = LbController::default();
     {
-        let mirror = agent.cluster.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let mirror = agent
+            .cluster
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         if mirror.is_synced() {
             let n = controller.full_sync(&agent, &mirror)?;
-            tracing::info!(frontends = n, "load-balancer maps reconciled from the cache");
+            tracing::info!(
+                frontends = n,
+                "load-balancer maps reconciled from the cache"
+            );
         }
     }
     tracing::info!(node = %args.node, pin_dir = %pin_dir.display(), endpoints = restored, "datapath ready");
@@ -155,17 +168,34 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let ipam_channel = lazy_channel(&args.ipam)?;
     let identity_channel = lazy_channel(&args.identity)?;
     let tasks = vec![
-        tokio::spawn(cluster::follow(agent.clone(), cache, controller, watcher, token.clone())),
-        tokio::spawn(control::follow_ipam(agent.clone(), ipam_channel, token.clone())),
-        tokio::spawn(control::follow_identities(agent.clone(), identity_channel, token.clone())),
+        tokio::spawn(cluster::follow(
+            agent.clone(),
+            cache,
+            controller,
+            watcher,
+            token.clone(),
+        )),
+        tokio::spawn(control::follow_ipam(
+            agent.clone(),
+            ipam_channel,
+            token.clone(),
+        )),
+        tokio::spawn(control::follow_identities(
+            agent.clone(),
+            identity_channel,
+            token.clone(),
+        )),
     ];
-    let metrics_task = weft_common::metrics::spawn(args.common.metrics_addr()?, registry, token.clone());
+    let metrics_task =
+        weft_common::metrics::spawn(args.common.metrics_addr()?, registry, token.clone());
 
     let cni = GrpcServer::new()
         .add_service(CniServer::new(cni::CniService::new(agent.clone())))
         .serve_unix(&args.cni_socket, token.clone());
     let api = GrpcServer::new()
-        .add_service(DatapathServer::new(api::DatapathService::new(agent.clone())))
+        .add_service(DatapathServer::new(api::DatapathService::new(
+            agent.clone(),
+        )))
         .serve_addr(args.listen, token.clone());
     let served = tokio::try_join!(cni, api);
     shutdown.trigger();

@@ -4,5 +4,7 @@ use clap::Parser as _;
 async fn main() -> anyhow::Result<()> {
     let args = datapath_svc::Args::parse();
     let _telemetry = weft_common::telemetry::init(&args.common, "datapath-svc")?;
-    datapath_svc::run(args).await.inspect_err(|e| tracing::error!(error = format!("{e:#}"), "datapath-svc failed"))
+    datapath_svc::run(args)
+        .await
+        .inspect_err(|e| tracing::error!(error = format!("{e:#}"), "datapath-svc failed"))
 }

@@ -184,11 +184,26 @@ mod tests {
         }
         match name {
             "lb4_key" => layout!(Lb4Key, address, dport, backend_slot, proto, scope),
-            "lb4_service" => layout!(Lb4Service, backend_id, count, rev_nat_index, flags, algorithm),
+            "lb4_service" => layout!(
+                Lb4Service,
+                backend_id,
+                count,
+                rev_nat_index,
+                flags,
+                algorithm
+            ),
             "lb4_backend" => layout!(Lb4Backend, address, port, proto, flags),
             "lb4_reverse_nat" => layout!(Lb4ReverseNat, address, port),
             "ct4_key" => layout!(Ct4Key, saddr, daddr, sport, dport, proto),
-            "ct4_entry" => layout!(Ct4Entry, last_seen, backend_id, address, port, rev_nat_index, flags),
+            "ct4_entry" => layout!(
+                Ct4Entry,
+                last_seen,
+                backend_id,
+                address,
+                port,
+                rev_nat_index,
+                flags
+            ),
             "metrics_value" => layout!(MetricsValue, packets, bytes),
             other => panic!("no Rust mirror for C struct {other}"),
         }

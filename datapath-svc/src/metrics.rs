@@ -37,11 +37,31 @@ impl Metrics {
             endpoints: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("weft_datapath");
-        r.register("cni_operations", "CNI operations by op and outcome", m.cni_ops.clone());
-        r.register("lb_frontends", "Service frontends programmed", m.lb_frontends.clone());
-        r.register("lb_syncs", "Load-balancer map syncs by scope and outcome", m.lb_syncs.clone());
-        r.register("lb_sync_seconds", "Time to bring the maps in line after a change", m.lb_sync_seconds.clone());
-        r.register("endpoints", "Pods attached on this node", m.endpoints.clone());
+        r.register(
+            "cni_operations",
+            "CNI operations by op and outcome",
+            m.cni_ops.clone(),
+        );
+        r.register(
+            "lb_frontends",
+            "Service frontends programmed",
+            m.lb_frontends.clone(),
+        );
+        r.register(
+            "lb_syncs",
+            "Load-balancer map syncs by scope and outcome",
+            m.lb_syncs.clone(),
+        );
+        r.register(
+            "lb_sync_seconds",
+            "Time to bring the maps in line after a change",
+            m.lb_sync_seconds.clone(),
+        );
+        r.register(
+            "endpoints",
+            "Pods attached on this node",
+            m.endpoints.clone(),
+        );
         r.register_collector(Box::new(PacketCollector { counters }));
         m
     }

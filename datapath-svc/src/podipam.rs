@@ -8,10 +8,7 @@
 //! immediately reused while stale connection-tracking entries may still
 //! point at it.
 
-use std::{
-    net::Ipv4Addr,
-    sync::Mutex,
-};
+use std::{net::Ipv4Addr, sync::Mutex};
 
 use ipnet::Ipv4Net;
 
@@ -40,7 +37,10 @@ struct State {
 
 impl PodIpam {
     pub fn new(tree: sled::Tree, cidr: Option<Ipv4Net>) -> Self {
-        Self { tree, state: Mutex::new(State { cidr, cursor: 0 }) }
+        Self {
+            tree,
+            state: Mutex::new(State { cidr, cursor: 0 }),
+        }
     }
 
     pub fn set_cidr(&self, cidr: Ipv4Net) {
@@ -58,7 +58,9 @@ impl PodIpam {
     /// Addresses a pod can get: the CIDR without its network and broadcast
     /// addresses and the first host address, kept for the node itself.
     pub fn capacity(&self) -> u64 {
-        self.cidr().map(|c| (c.hosts().count() as u64).saturating_sub(1)).unwrap_or(0)
+        self.cidr()
+            .map(|c| (c.hosts().count() as u64).saturating_sub(1))
+            .unwrap_or(0)
     }
 
     pub fn used(&self) -> u64 {
@@ -91,9 +93,11 @@ impl PodIpam {
         for i in 0..span {
             let offset = first + (s.cursor + i) % span;
             let ip = Ipv4Addr::from(base + offset);
-            let claimed = self
-                .tree
-                .compare_and_swap(ip.octets(), None as Option<&[u8]>, Some(owner.as_bytes()))?;
+            let claimed = self.tree.compare_and_swap(
+                ip.octets(),
+                None as Option<&[u8]>,
+                Some(owner.as_bytes()),
+            )?;
             if claimed.is_ok() {
                 s.cursor = (offset - first + 1) % span;
                 return Ok(ip);
@@ -117,8 +121,12 @@ impl PodIpam {
 
     /// Releases whatever `owner` holds. Durable before it returns.
     pub async fn release(&self, owner: &str) -> Result<Option<Ipv4Addr>> {
-        let Some(ip) = self.owned_by(owner)? else { return Ok(None) };
-        self.tree.compare_and_swap(ip.octets(), Some(owner.as_bytes()), None as Option<&[u8]>)?.ok();
+        let Some(ip) = self.owned_by(owner)? else {
+            return Ok(None);
+        };
+        self.tree
+            .compare_and_swap(ip.octets(), Some(owner.as_bytes()), None as Option<&[u8]>)?
+            .ok();
         self.tree.flush_async().await?;
         Ok(Some(ip))
     }
@@ -130,7 +138,10 @@ impl PodIpam {
             .map(|item| {
                 let (k, v) = item?;
                 let octets = <[u8; 4]>::try_from(k.as_ref()).unwrap_or_default();
-                Ok((Ipv4Addr::from(octets), String::from_utf8_lossy(&v).into_owned()))
+                Ok((
+                    Ipv4Addr::from(octets),
+                    String::from_utf8_lossy(&v).into_owned(),
+                ))
             })
             .collect()
     }
@@ -143,7 +154,10 @@ mod tests {
 
     fn ipam(cidr: &str) -> PodIpam {
         let db = sled::Config::new().temporary(true).open().expect("sled");
-        PodIpam::new(db.open_tree("ips").expect("tree"), Some(cidr.parse().expect("cidr")))
+        PodIpam::new(
+            db.open_tree("ips").expect("tree"),
+            Some(cidr.parse().expect("cidr")),
+        )
     }
 
     #[tokio::test]
@@ -156,8 +170,14 @@ mod tests {
             assert!(seen.insert(ip));
             assert!(![0, 1, 7].contains(&ip.octets()[3]), "{ip} is reserved");
         }
-        assert!(matches!(ipam.allocate("c5").await, Err(IpamError::Exhausted(_))));
-        assert_eq!(ipam.allocate("c2").await.expect("same owner"), ipam.owned_by("c2").expect("owned").expect("some"));
+        assert!(matches!(
+            ipam.allocate("c5").await,
+            Err(IpamError::Exhausted(_))
+        ));
+        assert_eq!(
+            ipam.allocate("c2").await.expect("same owner"),
+            ipam.owned_by("c2").expect("owned").expect("some")
+        );
     }
 
     #[tokio::test]

@@ -22,7 +22,10 @@ pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     #[error("netlink: {what}: {source}")]
-    Netlink { what: String, source: rtnetlink::Error },
+    Netlink {
+        what: String,
+        source: rtnetlink::Error,
+    },
     #[error("network namespace {path}: {message}")]
     Netns { path: String, message: String },
     #[error("{0}")]
@@ -63,7 +66,10 @@ pub fn host_ifname(container_id: &str, ifname: &str) -> String {
 }
 
 pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// A netlink connection in the calling thread's network namespace.
@@ -75,7 +81,14 @@ pub fn connect() -> Result<Handle> {
 }
 
 async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkMessage>> {
-    match handle.link().get().match_name(name).execute().try_next().await {
+    match handle
+        .link()
+        .get()
+        .match_name(name)
+        .execute()
+        .try_next()
+        .await
+    {
         Ok(link) => Ok(link),
         Err(e) if is_not_found(&e) => Ok(None),
         Err(e) => Err(nl(format!("looking up {name}"))(e)),
@@ -113,7 +126,12 @@ pub async fn create(
 
     // A leftover from an interrupted attempt would make the add fail.
     if let Some(old) = link_by_name(handle, host_ifname).await? {
-        handle.link().del(old.header.index).execute().await.map_err(nl("removing a stale veth"))?;
+        handle
+            .link()
+            .del(old.header.index)
+            .execute()
+            .await
+            .map_err(nl("removing a stale veth"))?;
     }
 
     let peer = LinkMessageBuilder::<LinkUnspec>::new()
@@ -148,10 +166,15 @@ pub async fn create(
         let netns = netns.to_path_buf();
         let pod_ifname = pod_ifname.to_string();
         weft_common::netns::spawn_in(&netns, move || async move {
-            configure_pod_side(&pod_ifname, pod_ip, host_mac).await.map_err(anyhow::Error::from)
+            configure_pod_side(&pod_ifname, pod_ip, host_mac)
+                .await
+                .map_err(anyhow::Error::from)
         })
         .await
-        .map_err(|e| NetError::Netns { path: netns_display(&netns), message: format!("{e:#}") })?
+        .map_err(|e| NetError::Netns {
+            path: netns_display(&netns),
+            message: format!("{e:#}"),
+        })?
     };
 
     // The node's route to the pod.
@@ -168,7 +191,12 @@ pub async fn create(
         .await
         .map_err(nl(format!("route to {pod_ip}")))?;
 
-    Ok(PodLink { host_ifname: host_ifname.to_string(), host_ifindex, host_mac, pod_mac })
+    Ok(PodLink {
+        host_ifname: host_ifname.to_string(),
+        host_ifindex,
+        host_mac,
+        pod_mac,
+    })
 }
 
 fn netns_display(p: &Path) -> String {
@@ -215,19 +243,33 @@ async fn configure_pod_side(ifname: &str, ip: Ipv4Addr, gateway_mac: [u8; 6]) ->
         .output_interface(index)
         .scope(RouteScope::Link)
         .build();
-    handle.route().add(gw_route).replace().execute().await.map_err(nl("route to the gateway"))?;
+    handle
+        .route()
+        .add(gw_route)
+        .replace()
+        .execute()
+        .await
+        .map_err(nl("route to the gateway"))?;
     let default = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
         .gateway(GATEWAY)
         .output_interface(index)
         .build();
-    handle.route().add(default).replace().execute().await.map_err(nl("default route"))?;
+    handle
+        .route()
+        .add(default)
+        .replace()
+        .execute()
+        .await
+        .map_err(nl("default route"))?;
     Ok(mac_of(&link))
 }
 
 /// Removes the veth pair (both ends go together). Gone already is fine.
 pub async fn delete(handle: &Handle, host_ifname: &str) -> Result<()> {
-    let Some(link) = link_by_name(handle, host_ifname).await? else { return Ok(()) };
+    let Some(link) = link_by_name(handle, host_ifname).await? else {
+        return Ok(());
+    };
     match handle.link().del(link.header.index).execute().await {
         Ok(()) => Ok(()),
         Err(e) if is_not_found(&e) => Ok(()),
@@ -236,9 +278,17 @@ pub async fn delete(handle: &Handle, host_ifname: &str) -> Result<()> {
 }
 
 /// Whether the host side exists and the pod side still carries `ip`.
-pub async fn check(handle: &Handle, host_ifname: &str, netns: &Path, pod_ifname: &str, ip: Ipv4Addr) -> Result<()> {
+pub async fn check(
+    handle: &Handle,
+    host_ifname: &str,
+    netns: &Path,
+    pod_ifname: &str,
+    ip: Ipv4Addr,
+) -> Result<()> {
     if link_by_name(handle, host_ifname).await?.is_none() {
-        return Err(NetError::Other(format!("host interface {host_ifname} is missing")));
+        return Err(NetError::Other(format!(
+            "host interface {host_ifname} is missing"
+        )));
     }
     let pod_ifname = pod_ifname.to_string();
     weft_common::netns::spawn_in(netns, move || async move {

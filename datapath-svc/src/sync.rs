@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, HashMap};
 use crate::{
     lb::{Backend, Frontend, FrontendKind, FrontendSpec, Proto},
     maps::{
-        Lb4Backend, Lb4Key, Lb4ReverseNat, Lb4Service, addr_from_be, backend_flags, be_addr, be_port,
-        port_from_be,
+        Lb4Backend, Lb4Key, Lb4ReverseNat, Lb4Service, addr_from_be, backend_flags, be_addr,
+        be_port, port_from_be,
     },
 };
 
@@ -98,16 +98,35 @@ impl<M: LbMaps> LbSync<M> {
             maps,
         };
         for (id, b) in s.maps.backends()? {
-            let Some(proto) = Proto::from_number(b.proto) else { continue };
-            let backend = Backend { addr: addr_from_be(b.address), port: port_from_be(b.port), proto };
-            s.backends.insert(backend, BackendEntry { id, flags: b.flags, refs: 0 });
+            let Some(proto) = Proto::from_number(b.proto) else {
+                continue;
+            };
+            let backend = Backend {
+                addr: addr_from_be(b.address),
+                port: port_from_be(b.port),
+                proto,
+            };
+            s.backends.insert(
+                backend,
+                BackendEntry {
+                    id,
+                    flags: b.flags,
+                    refs: 0,
+                },
+            );
             s.backend_ids.insert(id, backend);
             s.next_backend_id = s.next_backend_id.max(id.wrapping_add(1).max(1));
         }
         let mut slots: BTreeMap<Frontend, BTreeMap<u16, u32>> = BTreeMap::new();
         for (key, value) in s.maps.services()? {
-            let Some(proto) = Proto::from_number(key.proto) else { continue };
-            let f = Frontend { addr: addr_from_be(key.address), port: port_from_be(key.dport), proto };
+            let Some(proto) = Proto::from_number(key.proto) else {
+                continue;
+            };
+            let f = Frontend {
+                addr: addr_from_be(key.address),
+                port: port_from_be(key.dport),
+                proto,
+            };
             if key.backend_slot == 0 {
                 s.frontends.insert(
                     f,
@@ -121,16 +140,23 @@ impl<M: LbMaps> LbSync<M> {
                     },
                 );
                 s.rev_nat_ids.insert(value.rev_nat_index, f);
-                s.next_rev_nat = s.next_rev_nat.max(value.rev_nat_index.wrapping_add(1).max(1));
+                s.next_rev_nat = s
+                    .next_rev_nat
+                    .max(value.rev_nat_index.wrapping_add(1).max(1));
             } else {
-                slots.entry(f).or_default().insert(key.backend_slot, value.backend_id);
+                slots
+                    .entry(f)
+                    .or_default()
+                    .insert(key.backend_slot, value.backend_id);
             }
         }
         for (f, by_slot) in slots {
             match s.frontends.get_mut(&f) {
                 Some(p) => {
                     let last = by_slot.keys().next_back().copied().unwrap_or(0);
-                    p.slots = (1..=last).map(|i| by_slot.get(&i).copied().unwrap_or(0)).collect();
+                    p.slots = (1..=last)
+                        .map(|i| by_slot.get(&i).copied().unwrap_or(0))
+                        .collect();
                     for id in &p.slots {
                         if let Some(b) = s.backend_ids.get(id) {
                             p.backends.push(*b);
@@ -162,7 +188,9 @@ impl<M: LbMaps> LbSync<M> {
 
     /// The id and state of a programmed backend.
     pub fn backend(&self, b: &Backend) -> Option<(u32, bool)> {
-        self.backends.get(b).map(|e| (e.id, e.flags & backend_flags::TERMINATING != 0))
+        self.backends
+            .get(b)
+            .map(|e| (e.id, e.flags & backend_flags::TERMINATING != 0))
     }
 
     pub fn maps(&self) -> &M {
@@ -179,13 +207,22 @@ impl<M: LbMaps> LbSync<M> {
 
     /// Removes every programmed frontend for which `keep` is false.
     pub fn retain(&mut self, keep: impl Fn(&Frontend) -> bool) -> Result<()> {
-        let gone: Vec<Frontend> = self.frontends.keys().filter(|f| !keep(f)).copied().collect();
+        let gone: Vec<Frontend> = self
+            .frontends
+            .keys()
+            .filter(|f| !keep(f))
+            .copied()
+            .collect();
         for f in gone {
             self.remove(f)?;
         }
         // Backends restored from the maps that no frontend references.
-        let orphans: Vec<Backend> =
-            self.backends.iter().filter(|(_, e)| e.refs == 0).map(|(b, _)| *b).collect();
+        let orphans: Vec<Backend> = self
+            .backends
+            .iter()
+            .filter(|(_, e)| e.refs == 0)
+            .map(|(b, _)| *b)
+            .collect();
         for b in orphans {
             self.drop_backend(b)?;
         }
@@ -195,7 +232,11 @@ impl<M: LbMaps> LbSync<M> {
     fn program(&mut self, f: Frontend, spec: &FrontendSpec) -> Result<()> {
         // 1. Every backend exists, with its current state.
         for b in &spec.backends {
-            let flags = if b.terminating { backend_flags::TERMINATING } else { 0 };
+            let flags = if b.terminating {
+                backend_flags::TERMINATING
+            } else {
+                0
+            };
             self.ensure_backend(b.backend, flags)?;
         }
         // 2. The reverse-NAT entry.
@@ -205,15 +246,21 @@ impl<M: LbMaps> LbSync<M> {
                 let id = self.alloc_rev_nat()?;
                 self.maps.set_rev_nat(
                     id,
-                    Lb4ReverseNat { address: be_addr(f.addr), port: be_port(f.port), pad: 0 },
+                    Lb4ReverseNat {
+                        address: be_addr(f.addr),
+                        port: be_port(f.port),
+                        pad: 0,
+                    },
                 )?;
                 self.rev_nat_ids.insert(id, f);
                 id
             }
         };
         let flags = spec.kind.flags();
-        let new_slots: Vec<u32> =
-            spec.selectable().filter_map(|b| self.backends.get(b).map(|e| e.id)).collect();
+        let new_slots: Vec<u32> = spec
+            .selectable()
+            .filter_map(|b| self.backends.get(b).map(|e| e.id))
+            .collect();
         let old = self.frontends.get(&f).cloned();
         let old_slots = old.as_ref().map(|p| p.slots.as_slice()).unwrap_or(&[]);
         let count = u16::try_from(new_slots.len()).map_err(|_| SyncError::Map {
@@ -223,7 +270,12 @@ impl<M: LbMaps> LbSync<M> {
         // 3. Slots that changed.
         for (i, id) in new_slots.iter().enumerate() {
             if old_slots.get(i) != Some(id) {
-                let value = Lb4Service { backend_id: *id, rev_nat_index: rev_nat, flags, ..Default::default() };
+                let value = Lb4Service {
+                    backend_id: *id,
+                    rev_nat_index: rev_nat,
+                    flags,
+                    ..Default::default()
+                };
                 self.maps.set_service(master_key(&f, i as u16 + 1), value)?;
             }
         }
@@ -233,7 +285,13 @@ impl<M: LbMaps> LbSync<M> {
             None => true,
         };
         if master_changed {
-            let value = Lb4Service { backend_id: 0, count, rev_nat_index: rev_nat, flags, ..Default::default() };
+            let value = Lb4Service {
+                backend_id: 0,
+                count,
+                rev_nat_index: rev_nat,
+                flags,
+                ..Default::default()
+            };
             self.maps.set_service(master_key(&f, 0), value)?;
         }
         // 5. Slots past the new count.
@@ -265,7 +323,9 @@ impl<M: LbMaps> LbSync<M> {
     }
 
     fn remove(&mut self, f: Frontend) -> Result<()> {
-        let Some(p) = self.frontends.get(&f).cloned() else { return Ok(()) };
+        let Some(p) = self.frontends.get(&f).cloned() else {
+            return Ok(());
+        };
         self.maps.del_service(master_key(&f, 0))?;
         for slot in 1..=p.slots.len() {
             self.maps.del_service(master_key(&f, slot as u16))?;
@@ -398,31 +458,60 @@ impl LbMaps for MemMaps {
 /// Checks that `maps` hold exactly `desired`: every frontend's master and
 /// slots name existing backends with the right addresses, nothing else is
 /// there. Used by tests here and by the end-to-end tests on kernel maps.
-pub fn verify<M: LbMaps>(maps: &M, desired: &BTreeMap<Frontend, FrontendSpec>) -> Result<(), String> {
-    let services: BTreeMap<Lb4Key, Lb4Service> =
-        maps.services().map_err(|e| e.to_string())?.into_iter().collect();
-    let backends: BTreeMap<u32, Lb4Backend> =
-        maps.backends().map_err(|e| e.to_string())?.into_iter().collect();
-    let rev_nats: BTreeMap<u16, Lb4ReverseNat> =
-        maps.rev_nats().map_err(|e| e.to_string())?.into_iter().collect();
+pub fn verify<M: LbMaps>(
+    maps: &M,
+    desired: &BTreeMap<Frontend, FrontendSpec>,
+) -> Result<(), String> {
+    let services: BTreeMap<Lb4Key, Lb4Service> = maps
+        .services()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .collect();
+    let backends: BTreeMap<u32, Lb4Backend> = maps
+        .backends()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .collect();
+    let rev_nats: BTreeMap<u16, Lb4ReverseNat> = maps
+        .rev_nats()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .collect();
     let mut expected_entries = 0;
     for (f, spec) in desired {
-        let master = services.get(&master_key(f, 0)).ok_or(format!("{f}: no master entry"))?;
+        let master = services
+            .get(&master_key(f, 0))
+            .ok_or(format!("{f}: no master entry"))?;
         let mut want: Vec<Backend> = spec.selectable().copied().collect();
         want.sort();
         if master.count as usize != want.len() {
-            return Err(format!("{f}: count {} but {} selectable backends", master.count, want.len()));
+            return Err(format!(
+                "{f}: count {} but {} selectable backends",
+                master.count,
+                want.len()
+            ));
         }
-        let rn = rev_nats.get(&master.rev_nat_index).ok_or(format!("{f}: no reverse-NAT entry"))?;
+        let rn = rev_nats
+            .get(&master.rev_nat_index)
+            .ok_or(format!("{f}: no reverse-NAT entry"))?;
         if addr_from_be(rn.address) != f.addr || port_from_be(rn.port) != f.port {
             return Err(format!("{f}: reverse-NAT entry names another frontend"));
         }
         let mut got = Vec::new();
         for slot in 1..=master.count {
-            let s = services.get(&master_key(f, slot)).ok_or(format!("{f}: slot {slot} missing"))?;
-            let b = backends.get(&s.backend_id).ok_or(format!("{f}: slot {slot} names a missing backend"))?;
-            let proto = Proto::from_number(b.proto).ok_or(format!("{f}: backend protocol {}", b.proto))?;
-            got.push(Backend { addr: addr_from_be(b.address), port: port_from_be(b.port), proto });
+            let s = services
+                .get(&master_key(f, slot))
+                .ok_or(format!("{f}: slot {slot} missing"))?;
+            let b = backends
+                .get(&s.backend_id)
+                .ok_or(format!("{f}: slot {slot} names a missing backend"))?;
+            let proto =
+                Proto::from_number(b.proto).ok_or(format!("{f}: backend protocol {}", b.proto))?;
+            got.push(Backend {
+                addr: addr_from_be(b.address),
+                port: port_from_be(b.port),
+                proto,
+            });
         }
         got.sort();
         if got != want {
@@ -431,15 +520,28 @@ pub fn verify<M: LbMaps>(maps: &M, desired: &BTreeMap<Frontend, FrontendSpec>) -
         expected_entries += 1 + master.count as usize;
     }
     if services.len() != expected_entries {
-        return Err(format!("{} service entries, want {expected_entries}", services.len()));
+        return Err(format!(
+            "{} service entries, want {expected_entries}",
+            services.len()
+        ));
     }
     if rev_nats.len() != desired.len() {
-        return Err(format!("{} reverse-NAT entries, want {}", rev_nats.len(), desired.len()));
+        return Err(format!(
+            "{} reverse-NAT entries, want {}",
+            rev_nats.len(),
+            desired.len()
+        ));
     }
-    let referenced: std::collections::BTreeSet<Backend> =
-        desired.values().flat_map(|s| s.backends.iter().map(|b| b.backend)).collect();
+    let referenced: std::collections::BTreeSet<Backend> = desired
+        .values()
+        .flat_map(|s| s.backends.iter().map(|b| b.backend))
+        .collect();
     if backends.len() != referenced.len() {
-        return Err(format!("{} backends, want {}", backends.len(), referenced.len()));
+        return Err(format!(
+            "{} backends, want {}",
+            backends.len(),
+            referenced.len()
+        ));
     }
     Ok(())
 }
@@ -452,7 +554,11 @@ mod tests {
     use std::net::Ipv4Addr;
 
     fn fe(i: u8) -> Frontend {
-        Frontend { addr: Ipv4Addr::new(10, 96, 0, i), port: 80, proto: Proto::Tcp }
+        Frontend {
+            addr: Ipv4Addr::new(10, 96, 0, i),
+            port: 80,
+            proto: Proto::Tcp,
+        }
     }
 
     fn spec(backends: &[(u8, bool)]) -> FrontendSpec {
@@ -462,7 +568,11 @@ mod tests {
             backends: backends
                 .iter()
                 .map(|(i, t)| BackendSpec {
-                    backend: Backend { addr: Ipv4Addr::new(10, 244, 0, *i), port: 8080, proto: Proto::Tcp },
+                    backend: Backend {
+                        addr: Ipv4Addr::new(10, 244, 0, *i),
+                        port: 8080,
+                        proto: Proto::Tcp,
+                    },
                     terminating: *t,
                 })
                 .collect(),
@@ -472,7 +582,8 @@ mod tests {
     #[test]
     fn shrinking_removes_slots_and_unused_backends() {
         let mut s = LbSync::restore(MemMaps::default()).expect("restore");
-        s.apply(fe(1), Some(&spec(&[(1, false), (2, false), (3, false)]))).expect("apply");
+        s.apply(fe(1), Some(&spec(&[(1, false), (2, false), (3, false)])))
+            .expect("apply");
         assert_eq!(s.maps().services.len(), 4);
         s.apply(fe(1), Some(&spec(&[(1, false)]))).expect("apply");
         assert_eq!(s.maps().services.len(), 2);

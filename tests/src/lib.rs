@@ -20,7 +20,9 @@ pub fn bin_dir() -> PathBuf {
     }
     let exe = std::env::current_exe().expect("test executable path");
     let deps = exe.parent().expect("deps directory");
-    deps.parent().expect("target profile directory").to_path_buf()
+    deps.parent()
+        .expect("target profile directory")
+        .to_path_buf()
 }
 
 /// The end-to-end tests build namespaces and load eBPF: they need root. CI
@@ -107,12 +109,17 @@ where
 /// A third-party tool: from the repository's `.tools/bin` (where the setup
 /// script installs it), else from PATH.
 pub fn tool(name: &str) -> PathBuf {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repository root");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repository root");
     let local = repo.join(".tools/bin").join(name);
     if local.exists() {
         return local;
     }
-    let found = Command::new("sh").arg("-c").arg(format!("command -v {name}")).output();
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output();
     match found {
         Ok(o) if o.status.success() => PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()),
         _ => panic!("{name} is not installed; scripts/setup.sh installs it"),
@@ -121,12 +128,20 @@ pub fn tool(name: &str) -> PathBuf {
 
 /// Runs a program inside a lab namespace (entering only its network
 /// namespace) and returns (exit status, stdout, stderr).
-pub fn run_in_netns(netns: &str, program: &Path, args: &[&str]) -> (std::process::ExitStatus, String, String) {
+pub fn run_in_netns(
+    netns: &str,
+    program: &Path,
+    args: &[&str],
+) -> (std::process::ExitStatus, String, String) {
     let out = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{netns}"))
         .arg(program)
         .args(args)
         .output()
         .expect("running nsenter");
-    (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
