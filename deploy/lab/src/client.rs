@@ -13,7 +13,11 @@ use tonic::transport::{Channel, Endpoint};
 use weft_common::netns;
 
 /// A TCP connection made from inside the namespace at `ns`.
-pub async fn connect_in(ns: &Path, addr: SocketAddr, timeout: Duration) -> std::io::Result<tokio::net::TcpStream> {
+pub async fn connect_in(
+    ns: &Path,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<tokio::net::TcpStream> {
     let ns = ns.to_path_buf();
     let std_stream = tokio::task::spawn_blocking(move || {
         netns::run_in(&ns, move || {
@@ -35,10 +39,16 @@ pub fn channel_in(ns: PathBuf, addr: SocketAddr) -> anyhow::Result<Channel> {
         .context("endpoint")?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(10));
-    Ok(endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
-        let ns = ns.clone();
-        async move { connect_in(&ns, addr, Duration::from_secs(2)).await.map(TokioIo::new) }
-    })))
+    Ok(
+        endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
+            let ns = ns.clone();
+            async move {
+                connect_in(&ns, addr, Duration::from_secs(2))
+                    .await
+                    .map(TokioIo::new)
+            }
+        })),
+    )
 }
 
 /// Whether the gRPC server behind `channel` reports SERVING.

@@ -52,16 +52,28 @@ fn selects(selector: &BTreeMap<String, String>, pod: &Pod) -> bool {
 }
 
 /// The container port a Service's target port names, for one pod.
-fn resolve_target_port(target: Option<&IntOrString>, port: i32, protocol: &str, pod: &Pod) -> Option<i32> {
+fn resolve_target_port(
+    target: Option<&IntOrString>,
+    port: i32,
+    protocol: &str,
+    pod: &Pod,
+) -> Option<i32> {
     match target {
         None => Some(port),
         Some(IntOrString::Int(n)) => Some(*n),
         Some(IntOrString::String(name)) => match name.parse::<i32>() {
             Ok(n) => Some(n),
-            Err(_) => pod.spec.as_ref()?.containers.iter().flat_map(|c| c.ports.iter().flatten()).find_map(|p| {
-                let proto = p.protocol.as_deref().unwrap_or("TCP");
-                (p.name.as_deref() == Some(name.as_str()) && proto == protocol).then_some(p.container_port)
-            }),
+            Err(_) => pod
+                .spec
+                .as_ref()?
+                .containers
+                .iter()
+                .flat_map(|c| c.ports.iter().flatten())
+                .find_map(|p| {
+                    let proto = p.protocol.as_deref().unwrap_or("TCP");
+                    (p.name.as_deref() == Some(name.as_str()) && proto == protocol)
+                        .then_some(p.container_port)
+                }),
         },
     }
 }
@@ -156,10 +168,18 @@ mod tests {
             metadata: ObjectMeta {
                 name: Some(name.into()),
                 namespace: Some("default".into()),
-                labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+                labels: Some(
+                    labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
                 ..Default::default()
             },
-            spec: Some(PodSpec { node_name: Some("n1".into()), ..Default::default() }),
+            spec: Some(PodSpec {
+                node_name: Some("n1".into()),
+                ..Default::default()
+            }),
             status: Some(PodStatus {
                 pod_ip: ip.map(String::from),
                 conditions: Some(vec![PodCondition {
@@ -174,7 +194,10 @@ mod tests {
 
     fn svc() -> Service {
         Service {
-            metadata: ObjectMeta { name: Some("web".into()), ..Default::default() },
+            metadata: ObjectMeta {
+                name: Some("web".into()),
+                ..Default::default()
+            },
             spec: Some(ServiceSpec {
                 selector: Some(BTreeMap::from([("app".into(), "web".into())])),
                 ports: Some(vec![ServicePort {
@@ -196,17 +219,34 @@ mod tests {
         let c = pod("c", &[("app", "db")], Some("10.244.0.7"), true);
         let d = pod("d", &[("app", "web")], Some("10.244.0.8"), false);
         let slice = endpoint_slice(&svc(), &[&a, &b, &c, &d]).expect("slice");
-        let addrs: Vec<_> = slice.endpoints.iter().map(|e| e.addresses[0].clone()).collect();
+        let addrs: Vec<_> = slice
+            .endpoints
+            .iter()
+            .map(|e| e.addresses[0].clone())
+            .collect();
         assert_eq!(addrs, vec!["10.244.0.5", "10.244.0.8"]);
-        assert_eq!(slice.endpoints[1].conditions.as_ref().and_then(|c| c.ready), Some(false));
+        assert_eq!(
+            slice.endpoints[1].conditions.as_ref().and_then(|c| c.ready),
+            Some(false)
+        );
         assert_eq!(slice.ports.as_ref().map(|p| p[0].port), Some(Some(8080)));
-        assert_eq!(slice.metadata.labels.as_ref().map(|l| l[SERVICE_NAME_LABEL].clone()), Some("web".into()));
+        assert_eq!(
+            slice
+                .metadata
+                .labels
+                .as_ref()
+                .map(|l| l[SERVICE_NAME_LABEL].clone()),
+            Some("web".into())
+        );
     }
 
     #[test]
     fn cluster_ips_skip_the_low_range_and_used_ones() {
         let cidr: ipnet::Ipv4Net = "10.96.0.0/16".parse().expect("cidr");
         let used = BTreeSet::from([Ipv4Addr::new(10, 96, 0, 10)]);
-        assert_eq!(next_cluster_ip(cidr, &used), Some(Ipv4Addr::new(10, 96, 0, 11)));
+        assert_eq!(
+            next_cluster_ip(cidr, &used),
+            Some(Ipv4Addr::new(10, 96, 0, 11))
+        );
     }
 }

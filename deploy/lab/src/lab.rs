@@ -19,7 +19,9 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use k8s_openapi::{
-    api::core::v1::{Namespace, Node, NodeAddress, NodeSpec, NodeStatus, Pod, PodCondition, PodIP, PodStatus},
+    api::core::v1::{
+        Namespace, Node, NodeAddress, NodeSpec, NodeStatus, Pod, PodCondition, PodIP, PodStatus,
+    },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use tokio::sync::Mutex;
@@ -67,7 +69,8 @@ impl LabConfig {
             run_dir: run_dir.into(),
             cluster_pool: "10.244.0.0/16".into(),
             mask_size: 24,
-            service_cidr: ipnet::Ipv4Net::new(Ipv4Addr::new(10, 96, 0, 0), 16).expect("a valid prefix"),
+            service_cidr: ipnet::Ipv4Net::new(Ipv4Addr::new(10, 96, 0, 0), 16)
+                .expect("a valid prefix"),
             log_level: "info".into(),
         }
     }
@@ -98,7 +101,9 @@ impl Lab {
     }
 
     pub fn node_names(&self) -> Vec<String> {
-        (1..=self.cfg.nodes).map(|i| format!("{}-node{i}", self.cfg.name)).collect()
+        (1..=self.cfg.nodes)
+            .map(|i| format!("{}-node{i}", self.cfg.name))
+            .collect()
     }
 
     pub fn node_addr(&self, node: &str) -> Option<Ipv4Addr> {
@@ -151,10 +156,20 @@ impl Lab {
     /// Builds the lab's network, starts every service and waits until each
     /// node has its pod CIDR. The lab's control loops run until `down`.
     pub async fn up(cfg: LabConfig) -> anyhow::Result<Arc<Self>> {
-        for bin in ["svc-watcher", "ipam-svc", "identity-svc", "datapath-svc", "weft-cni", "weft-lab"] {
+        for bin in [
+            "svc-watcher",
+            "ipam-svc",
+            "identity-svc",
+            "datapath-svc",
+            "weft-cni",
+            "weft-lab",
+        ] {
             let path = cfg.bin_dir.join(bin);
             if !path.exists() {
-                bail!("{} is missing: build the workspace first (cargo build --workspace)", path.display());
+                bail!(
+                    "{} is missing: build the workspace first (cargo build --workspace)",
+                    path.display()
+                );
             }
         }
         Self::clean(&cfg.name)?;
@@ -184,12 +199,20 @@ impl Lab {
         let cp = self.cp_netns();
         net::netns_add(&cp)?;
         ip_in(&cp, &["link", "add", "br0", "type", "bridge"])?;
-        ip_in(&cp, &["addr", "add", &format!("{CP_ADDR}/24"), "dev", "br0"])?;
+        ip_in(
+            &cp,
+            &["addr", "add", &format!("{CP_ADDR}/24"), "dev", "br0"],
+        )?;
         ip_in(&cp, &["link", "set", "br0", "up"])?;
         for (i, node) in self.node_names().iter().enumerate() {
             net::netns_add(node)?;
             let port = format!("n{}", i + 1);
-            ip_in(&cp, &["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", node])?;
+            ip_in(
+                &cp,
+                &[
+                    "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", node,
+                ],
+            )?;
             ip_in(&cp, &["link", "set", &port, "master", "br0", "up"])?;
             let addr = self.node_addr(node).context("node address")?;
             ip_in(node, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
@@ -201,28 +224,42 @@ impl Lab {
 
     fn seed_manifests(&self) -> anyhow::Result<()> {
         let ns = Namespace {
-            metadata: ObjectMeta { name: Some("default".into()), ..Default::default() },
+            metadata: ObjectMeta {
+                name: Some("default".into()),
+                ..Default::default()
+            },
             ..Default::default()
         };
-        self.manifests.write(&self.manifests.path_for("Namespace", "", "default"), &ns)?;
+        self.manifests
+            .write(&self.manifests.path_for("Namespace", "", "default"), &ns)?;
         for node in self.node_names() {
             let addr = self.node_addr(&node).context("node address")?;
             let obj = Node {
                 metadata: ObjectMeta {
                     name: Some(node.clone()),
-                    labels: Some(BTreeMap::from([("kubernetes.io/hostname".into(), node.clone())])),
+                    labels: Some(BTreeMap::from([(
+                        "kubernetes.io/hostname".into(),
+                        node.clone(),
+                    )])),
                     ..Default::default()
                 },
                 spec: Some(NodeSpec::default()),
                 status: Some(NodeStatus {
                     addresses: Some(vec![
-                        NodeAddress { type_: "InternalIP".into(), address: addr.to_string() },
-                        NodeAddress { type_: "Hostname".into(), address: node.clone() },
+                        NodeAddress {
+                            type_: "InternalIP".into(),
+                            address: addr.to_string(),
+                        },
+                        NodeAddress {
+                            type_: "Hostname".into(),
+                            address: node.clone(),
+                        },
                     ]),
                     ..Default::default()
                 }),
             };
-            self.manifests.write(&self.manifests.path_for("Node", "", &node), &obj)?;
+            self.manifests
+                .write(&self.manifests.path_for("Node", "", &node), &obj)?;
         }
         Ok(())
     }
@@ -234,7 +271,9 @@ impl Lab {
             bin: self.bin(bin),
             args,
             env: vec![("RUST_BACKTRACE".into(), "1".into())],
-            log: self.log_dir().join(format!("{}.log", name.replace('/', "-"))),
+            log: self
+                .log_dir()
+                .join(format!("{}.log", name.replace('/', "-"))),
         }
     }
 
@@ -330,8 +369,12 @@ impl Lab {
             "ipam-svc" => (self.cp_netns(), SocketAddr::from((CP_ADDR, IPAM_PORT))),
             "identity-svc" => (self.cp_netns(), SocketAddr::from((CP_ADDR, IDENTITY_PORT))),
             other => {
-                let node = other.strip_prefix("datapath-svc/").with_context(|| format!("unknown service {other}"))?;
-                let addr = self.node_addr(node).with_context(|| format!("unknown node {node}"))?;
+                let node = other
+                    .strip_prefix("datapath-svc/")
+                    .with_context(|| format!("unknown service {other}"))?;
+                let addr = self
+                    .node_addr(node)
+                    .with_context(|| format!("unknown node {node}"))?;
                 (node.to_string(), SocketAddr::from((addr, DATAPATH_PORT)))
             }
         };
@@ -354,7 +397,10 @@ impl Lab {
                 }
             }
             if Instant::now() > deadline {
-                bail!("{service} did not become healthy within {timeout:?}; see {}", self.log_dir().display());
+                bail!(
+                    "{service} did not become healthy within {timeout:?}; see {}",
+                    self.log_dir().display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -363,10 +409,13 @@ impl Lab {
     async fn wait_nodes_ready(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         for node in self.node_names() {
-            let mut client =
-                weft_proto::datapath::v1::datapath_client::DatapathClient::new(self.channel(&format!("datapath-svc/{node}"))?);
+            let mut client = weft_proto::datapath::v1::datapath_client::DatapathClient::new(
+                self.channel(&format!("datapath-svc/{node}"))?,
+            );
             loop {
-                if let Ok(s) = client.status(weft_proto::datapath::v1::StatusRequest {}).await
+                if let Ok(s) = client
+                    .status(weft_proto::datapath::v1::StatusRequest {})
+                    .await
                     && !s.get_ref().pod_cidr.is_empty()
                 {
                     break;
@@ -381,16 +430,23 @@ impl Lab {
     }
 
     /// Stops a service process gracefully (SIGTERM).
-    pub async fn stop_service(&self, service: &str) -> anyhow::Result<Option<std::process::ExitStatus>> {
+    pub async fn stop_service(
+        &self,
+        service: &str,
+    ) -> anyhow::Result<Option<std::process::ExitStatus>> {
         let mut services = self.services.lock().await;
-        let p = services.get_mut(service).with_context(|| format!("unknown service {service}"))?;
+        let p = services
+            .get_mut(service)
+            .with_context(|| format!("unknown service {service}"))?;
         Ok(p.stop().await)
     }
 
     /// Kills a service process (SIGKILL).
     pub async fn kill_service(&self, service: &str) -> anyhow::Result<()> {
         let mut services = self.services.lock().await;
-        let p = services.get_mut(service).with_context(|| format!("unknown service {service}"))?;
+        let p = services
+            .get_mut(service)
+            .with_context(|| format!("unknown service {service}"))?;
         p.kill().await;
         Ok(())
     }
@@ -399,7 +455,9 @@ impl Lab {
     pub async fn start_service(&self, service: &str) -> anyhow::Result<()> {
         {
             let mut services = self.services.lock().await;
-            let p = services.get_mut(service).with_context(|| format!("unknown service {service}"))?;
+            let p = services
+                .get_mut(service)
+                .with_context(|| format!("unknown service {service}"))?;
             p.restart()?;
         }
         self.wait_serving(service, Duration::from_secs(20)).await
@@ -407,11 +465,21 @@ impl Lab {
 
     /// The running pods: (namespace/name, node, ip).
     pub async fn pods(&self) -> Vec<(String, String, Ipv4Addr)> {
-        self.pods.lock().await.iter().map(|(k, p)| (k.clone(), p.node.clone(), p.ip)).collect()
+        self.pods
+            .lock()
+            .await
+            .iter()
+            .map(|(k, p)| (k.clone(), p.node.clone(), p.ip))
+            .collect()
     }
 
     /// Waits until a pod is running and reported ready in the manifests.
-    pub async fn wait_pod_ready(&self, namespace: &str, name: &str, timeout: Duration) -> anyhow::Result<Ipv4Addr> {
+    pub async fn wait_pod_ready(
+        &self,
+        namespace: &str,
+        name: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Ipv4Addr> {
         let deadline = Instant::now() + timeout;
         loop {
             let objs = self.manifests.read();
@@ -472,10 +540,13 @@ impl Lab {
             .collect();
         for (origin, svc) in &objs.services {
             let Some(spec) = &svc.spec else { continue };
-            if spec.cluster_ip.as_deref().is_some_and(|ip| !ip.is_empty()) || spec.type_.as_deref() == Some("ExternalName") {
+            if spec.cluster_ip.as_deref().is_some_and(|ip| !ip.is_empty())
+                || spec.type_.as_deref() == Some("ExternalName")
+            {
                 continue;
             }
-            let ip = cluster::next_cluster_ip(self.cfg.service_cidr, &used).context("service CIDR exhausted")?;
+            let ip = cluster::next_cluster_ip(self.cfg.service_cidr, &used)
+                .context("service CIDR exhausted")?;
             used.insert(ip);
             let mut svc = svc.clone();
             if let Some(spec) = svc.spec.as_mut() {
@@ -497,10 +568,17 @@ impl Lab {
             }
         }
         for (origin, pod) in &objs.pods {
-            if pod.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some() {
+            if pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.as_ref())
+                .is_some()
+            {
                 continue;
             }
-            let Some(node) = load.iter().min_by_key(|(_, n)| **n).map(|(k, _)| k.clone()) else { continue };
+            let Some(node) = load.iter().min_by_key(|(_, n)| **n).map(|(k, _)| k.clone()) else {
+                continue;
+            };
             *load.entry(node.clone()).or_default() += 1;
             let mut pod = pod.clone();
             pod.spec.get_or_insert_with(Default::default).node_name = Some(node);
@@ -516,8 +594,18 @@ impl Lab {
         let wanted: BTreeMap<String, (&Origin, &Pod)> = objs
             .pods
             .iter()
-            .filter(|(_, p)| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some_and(|n| nodes.contains(n)))
-            .map(|(o, p)| (format!("{}/{}", ns_of(&p.metadata), name_of(&p.metadata)), (o, p)))
+            .filter(|(_, p)| {
+                p.spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.as_ref())
+                    .is_some_and(|n| nodes.contains(n))
+            })
+            .map(|(o, p)| {
+                (
+                    format!("{}/{}", ns_of(&p.metadata), name_of(&p.metadata)),
+                    (o, p),
+                )
+            })
             .collect();
         let running: Vec<String> = self.pods.lock().await.keys().cloned().collect();
         for key in running.iter().filter(|k| !wanted.contains_key(*k)) {
@@ -543,7 +631,11 @@ impl Lab {
                 },
             };
             if cluster::pod_ip(pod) != Some(ip) || !cluster::pod_ready(pod) {
-                let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+                let node = pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.clone())
+                    .unwrap_or_default();
                 let mut pod = pod.clone();
                 pod.status = Some(PodStatus {
                     phase: Some("Running".into()),
@@ -582,12 +674,18 @@ impl Lab {
     async fn start_pod(&self, pod: &Pod) -> anyhow::Result<RunningPod> {
         let namespace = ns_of(&pod.metadata);
         let name = name_of(&pod.metadata);
-        let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).context("pod has no node")?;
+        let node = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .context("pod has no node")?;
         let netns = self.pod_netns(&namespace, &name);
         net::netns_add(&netns)?;
         let container_id = format!("{:032x}", rand::random::<u128>());
         let uid = pod.metadata.uid.clone().unwrap_or_default();
-        let result = self.cni(&node, "ADD", &container_id, &netns, &namespace, &name, &uid).await;
+        let result = self
+            .cni(&node, "ADD", &container_id, &netns, &namespace, &name, &uid)
+            .await;
         let out = match result {
             Ok(out) => out,
             Err(e) => {
@@ -615,7 +713,11 @@ impl Lab {
             let ns = probe_ns.clone();
             let up = tokio::task::spawn_blocking(move || {
                 weft_common::netns::run_in(&ns, move || {
-                    Ok(std::net::TcpStream::connect_timeout(&SocketAddr::from((ip, port)), Duration::from_millis(200)).is_ok())
+                    Ok(std::net::TcpStream::connect_timeout(
+                        &SocketAddr::from((ip, port)),
+                        Duration::from_millis(200),
+                    )
+                    .is_ok())
                 })
             })
             .await??;
@@ -628,12 +730,29 @@ impl Lab {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         tracing::info!(pod = %format!("{namespace}/{name}"), %node, %ip, "pod running");
-        Ok(RunningPod { namespace, name, node, netns, container_id, ip, server })
+        Ok(RunningPod {
+            namespace,
+            name,
+            node,
+            netns,
+            container_id,
+            ip,
+            server,
+        })
     }
 
     async fn stop_pod(&self, mut pod: RunningPod) -> anyhow::Result<()> {
         pod.server.stop().await;
-        self.cni(&pod.node, "DEL", &pod.container_id, &pod.netns, &pod.namespace, &pod.name, "").await?;
+        self.cni(
+            &pod.node,
+            "DEL",
+            &pod.container_id,
+            &pod.netns,
+            &pod.namespace,
+            &pod.name,
+            "",
+        )
+        .await?;
         net::netns_del(&pod.netns)?;
         tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), "pod removed");
         Ok(())
@@ -683,7 +802,10 @@ impl Lab {
             .context("CNI plugin timed out")??;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         if !out.status.success() {
-            bail!("CNI {command} for {namespace}/{name} failed: {stdout} {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "CNI {command} for {namespace}/{name} failed: {stdout} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(stdout)
     }
@@ -692,7 +814,9 @@ impl Lab {
         let running: Vec<&Pod> = objs.pods.iter().map(|(_, p)| p).collect();
         let mut keep = BTreeSet::new();
         for (_, svc) in &objs.services {
-            let Some(slice) = cluster::endpoint_slice(svc, &running) else { continue };
+            let Some(slice) = cluster::endpoint_slice(svc, &running) else {
+                continue;
+            };
             let ns = ns_of(&slice.metadata);
             let name = name_of(&slice.metadata);
             keep.insert((ns.clone(), name.clone()));
@@ -703,11 +827,19 @@ impl Lab {
             match existing {
                 Some((_, s)) if s.endpoints == slice.endpoints && s.ports == slice.ports => {}
                 Some((origin, _)) => self.manifests.replace(origin, &slice)?,
-                None => self.manifests.write(&self.manifests.path_for("EndpointSlice", &ns, &name), &slice)?,
+                None => self.manifests.write(
+                    &self.manifests.path_for("EndpointSlice", &ns, &name),
+                    &slice,
+                )?,
             }
         }
         for (origin, s) in &objs.slices {
-            let managed = s.metadata.labels.as_ref().and_then(|l| l.get(MANAGED_BY_LABEL)).is_some_and(|v| v == MANAGED_BY);
+            let managed = s
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(MANAGED_BY_LABEL))
+                .is_some_and(|v| v == MANAGED_BY);
             if managed && !keep.contains(&(ns_of(&s.metadata), name_of(&s.metadata))) {
                 self.manifests.remove(origin)?;
             }
@@ -719,7 +851,9 @@ impl Lab {
     /// removes the namespaces and pins. Logs stay under the run directory.
     pub async fn down(&self) -> anyhow::Result<()> {
         self.stop.cancel();
-        let pods: Vec<RunningPod> = std::mem::take(&mut *self.pods.lock().await).into_values().collect();
+        let pods: Vec<RunningPod> = std::mem::take(&mut *self.pods.lock().await)
+            .into_values()
+            .collect();
         for pod in pods {
             if let Err(e) = self.stop_pod(pod).await {
                 tracing::warn!(error = format!("{e:#}"), "stopping a pod");
@@ -752,15 +886,22 @@ fn first_ip(cni_result: &str) -> Option<Ipv4Addr> {
 /// of an earlier lab that was not shut down.
 fn kill_processes_in(ns: &str) {
     use std::os::unix::fs::MetadataExt as _;
-    let Ok(target) = std::fs::metadata(netns_path(ns)) else { return };
+    let Ok(target) = std::fs::metadata(netns_path(ns)) else {
+        return;
+    };
     let (dev, ino) = (target.dev(), target.ino());
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
         if let Ok(m) = std::fs::metadata(entry.path().join("ns/net"))
             && m.dev() == dev
             && m.ino() == ino
         {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }

@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use weft_lab::{Lab, LabConfig, net::netns_path, podserver};
 
 #[derive(Parser)]
-#[command(name = "weft-lab", version, about = "weft's local lab: a cluster in network namespaces")]
+#[command(
+    name = "weft-lab",
+    version,
+    about = "weft's local lab: a cluster in network namespaces"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -37,9 +41,15 @@ impl LabArgs {
     fn config(&self) -> anyhow::Result<LabConfig> {
         let bin_dir = match &self.bin_dir {
             Some(d) => d.clone(),
-            None => std::env::current_exe()?.parent().context("binary directory")?.to_path_buf(),
+            None => std::env::current_exe()?
+                .parent()
+                .context("binary directory")?
+                .to_path_buf(),
         };
-        let run_dir = self.run_dir.clone().unwrap_or_else(|| PathBuf::from("/run/weft-lab").join(&self.name));
+        let run_dir = self
+            .run_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/run/weft-lab").join(&self.name));
         let mut cfg = LabConfig::new(&self.name, run_dir, bin_dir);
         cfg.nodes = usize::from(self.nodes);
         cfg.log_level = self.log_level.clone();
@@ -83,12 +93,16 @@ enum Cmd {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
         Cmd::PodServer { name, ports } => {
-            let servers = ports.into_iter().map(|p| tokio::spawn(podserver::serve(name.clone(), p)));
+            let servers = ports
+                .into_iter()
+                .map(|p| tokio::spawn(podserver::serve(name.clone(), p)));
             for s in servers {
                 s.await??;
             }
@@ -98,8 +112,12 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Up { lab, apply } => {
             let lab = Lab::up(lab.config()?).await?;
             for file in &apply {
-                let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-                let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "applied.yaml".into());
+                let text = std::fs::read_to_string(file)
+                    .with_context(|| format!("reading {}", file.display()))?;
+                let name = file
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "applied.yaml".into());
                 lab.manifests.apply_yaml(&name, &text)?;
             }
             print_access(&lab);
@@ -131,10 +149,20 @@ async fn wait_for_signal() {
 
 fn print_access(lab: &Lab) {
     let node = lab.node_names().into_iter().next().unwrap_or_default();
-    println!("\nManifests: {}  (edit them; the lab and svc-watcher follow)", lab.manifests.root().display());
+    println!(
+        "\nManifests: {}  (edit them; the lab and svc-watcher follow)",
+        lab.manifests.root().display()
+    );
     println!("Logs:      {}", lab.log_dir().display());
-    println!("weftctl:   nsenter --net={} {} service list", netns_path(&node).display(), lab.bin("weftctl").display());
-    println!("grpcurl:   nsenter --net={} grpcurl -plaintext 127.0.0.1:9400 list", netns_path(&lab.cp_netns()).display());
+    println!(
+        "weftctl:   nsenter --net={} {} service list",
+        netns_path(&node).display(),
+        lab.bin("weftctl").display()
+    );
+    println!(
+        "grpcurl:   nsenter --net={} grpcurl -plaintext 127.0.0.1:9400 list",
+        netns_path(&lab.cp_netns()).display()
+    );
 }
 
 /// Applies the demo manifests, waits for the pods, shows the service list
@@ -142,9 +170,13 @@ fn print_access(lab: &Lab) {
 async fn demo(lab: &Lab) -> anyhow::Result<()> {
     let manifest = include_str!("../manifests/demo.yaml");
     lab.manifests.apply_yaml("demo.yaml", manifest)?;
-    println!("Applied the demo manifests: Service demo/echo over pods echo-1, echo-2, echo-3, and a client pod.");
+    println!(
+        "Applied the demo manifests: Service demo/echo over pods echo-1, echo-2, echo-3, and a client pod."
+    );
     for pod in ["echo-1", "echo-2", "echo-3", "client"] {
-        let ip = lab.wait_pod_ready("demo", pod, Duration::from_secs(60)).await?;
+        let ip = lab
+            .wait_pod_ready("demo", pod, Duration::from_secs(60))
+            .await?;
         println!("  pod demo/{pod:<7} running at {ip}");
     }
     let cluster_ip = wait_cluster_ip(lab, "demo", "echo").await?;
@@ -181,8 +213,14 @@ async fn demo(lab: &Lab) -> anyhow::Result<()> {
     for (proto, addr, pod) in &answers {
         println!("  {proto} {addr} -> answered by {pod}");
     }
-    let distinct: std::collections::BTreeSet<_> = answers.iter().map(|(_, _, p)| p.clone()).collect();
-    println!("\n{} requests answered by {} different pods: {:?}", answers.len(), distinct.len(), distinct);
+    let distinct: std::collections::BTreeSet<_> =
+        answers.iter().map(|(_, _, p)| p.clone()).collect();
+    println!(
+        "\n{} requests answered by {} different pods: {:?}",
+        answers.len(),
+        distinct.len(),
+        distinct
+    );
     Ok(())
 }
 
@@ -192,7 +230,10 @@ async fn wait_cluster_ip(lab: &Lab, ns: &str, name: &str) -> anyhow::Result<Stri
         if let Some(ip) = objs
             .services
             .iter()
-            .find(|(_, s)| s.metadata.namespace.as_deref() == Some(ns) && s.metadata.name.as_deref() == Some(name))
+            .find(|(_, s)| {
+                s.metadata.namespace.as_deref() == Some(ns)
+                    && s.metadata.name.as_deref() == Some(name)
+            })
             .and_then(|(_, s)| s.spec.as_ref()?.cluster_ip.clone())
         {
             return Ok(ip);
@@ -204,10 +245,17 @@ async fn wait_cluster_ip(lab: &Lab, ns: &str, name: &str) -> anyhow::Result<Stri
 
 async fn wait_backends(lab: &Lab, cluster_ip: &str, n: usize) -> anyhow::Result<()> {
     let node = lab.node_names().into_iter().next().unwrap_or_default();
-    let mut client = weft_proto::datapath::v1::datapath_client::DatapathClient::new(lab.channel(&format!("datapath-svc/{node}"))?);
+    let mut client = weft_proto::datapath::v1::datapath_client::DatapathClient::new(
+        lab.channel(&format!("datapath-svc/{node}"))?,
+    );
     for _ in 0..100 {
-        if let Ok(r) = client.list_services(weft_proto::datapath::v1::ListServicesRequest {}).await
-            && r.get_ref().services.iter().any(|s| s.frontend.starts_with(&format!("{cluster_ip}:")) && s.backends.len() >= n)
+        if let Ok(r) = client
+            .list_services(weft_proto::datapath::v1::ListServicesRequest {})
+            .await
+            && r.get_ref()
+                .services
+                .iter()
+                .any(|s| s.frontend.starts_with(&format!("{cluster_ip}:")) && s.backends.len() >= n)
         {
             return Ok(());
         }

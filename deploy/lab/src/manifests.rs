@@ -38,8 +38,12 @@ pub struct ManifestDir {
 }
 
 fn is_manifest(path: &Path) -> bool {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    !name.starts_with('.') && (name.ends_with(".yaml") || name.ends_with(".yml") || name.ends_with(".json"))
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    !name.starts_with('.')
+        && (name.ends_with(".yaml") || name.ends_with(".yml") || name.ends_with(".json"))
 }
 
 impl ManifestDir {
@@ -81,11 +85,22 @@ impl ManifestDir {
     pub fn read(&self) -> Objects {
         let mut out = Objects::default();
         for path in self.files() {
-            let Ok(text) = fs::read_to_string(&path) else { continue };
+            let Ok(text) = fs::read_to_string(&path) else {
+                continue;
+            };
             for (doc, value) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-                let Ok(value) = serde_yaml::Value::deserialize(value) else { break };
-                let origin = Origin { path: path.clone(), doc };
-                let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_string();
+                let Ok(value) = serde_yaml::Value::deserialize(value) else {
+                    break;
+                };
+                let origin = Origin {
+                    path: path.clone(),
+                    doc,
+                };
+                let kind = value
+                    .get("kind")
+                    .and_then(|k| k.as_str())
+                    .unwrap_or_default()
+                    .to_string();
                 fn typed<T: DeserializeOwned>(v: serde_yaml::Value) -> Option<T> {
                     serde_yaml::from_value(v).ok()
                 }
@@ -121,7 +136,8 @@ impl ManifestDir {
     /// Replaces document `origin.doc` of `origin.path` with `object`, keeping
     /// the file's other documents as they are.
     pub fn replace<T: Serialize>(&self, origin: &Origin, object: &T) -> anyhow::Result<()> {
-        let text = fs::read_to_string(&origin.path).with_context(|| format!("reading {}", origin.path.display()))?;
+        let text = fs::read_to_string(&origin.path)
+            .with_context(|| format!("reading {}", origin.path.display()))?;
         let mut docs: Vec<serde_yaml::Value> = Vec::new();
         for d in serde_yaml::Deserializer::from_str(&text) {
             docs.push(serde_yaml::Value::deserialize(d)?);
@@ -154,10 +170,20 @@ impl ManifestDir {
             docs.remove(origin.doc);
         }
         if docs.is_empty() {
-            fs::remove_file(&origin.path).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })?;
+            fs::remove_file(&origin.path).or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })?;
             return Ok(());
         }
-        let joined = docs.iter().map(serde_yaml::to_string).collect::<Result<Vec<_>, _>>()?.join("---\n");
+        let joined = docs
+            .iter()
+            .map(serde_yaml::to_string)
+            .collect::<Result<Vec<_>, _>>()?
+            .join("---\n");
         write_atomic(&origin.path, &joined)
     }
 
@@ -175,7 +201,9 @@ fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.{}.tmp",
-        path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         std::process::id()
     ));
     fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;

@@ -22,7 +22,11 @@ pub fn ip(args: &[&str]) -> anyhow::Result<()> {
         .output()
         .context("running ip (is iproute2 installed?)")?;
     if !out.status.success() {
-        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -68,7 +72,14 @@ pub fn netns_with_prefix(prefix: &str) -> Vec<String> {
 /// Writes a sysctl inside a namespace.
 pub fn sysctl_in(ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
     let status = Command::new("ip")
-        .args(["netns", "exec", ns, "sysctl", "-qw", &format!("{key}={value}")])
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-qw",
+            &format!("{key}={value}"),
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .status()

@@ -17,13 +17,19 @@ use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 
 /// Serves TCP and UDP on `port` until the process is stopped.
 pub async fn serve(name: String, port: u16) -> anyhow::Result<()> {
-    let tcp = tokio::net::TcpListener::bind(("0.0.0.0", port)).await.context("binding TCP")?;
-    let udp = tokio::net::UdpSocket::bind(("0.0.0.0", port)).await.context("binding UDP")?;
+    let tcp = tokio::net::TcpListener::bind(("0.0.0.0", port))
+        .await
+        .context("binding TCP")?;
+    let udp = tokio::net::UdpSocket::bind(("0.0.0.0", port))
+        .await
+        .context("binding UDP")?;
     let udp_name = name.clone();
     tokio::spawn(async move {
         let mut buf = vec![0u8; 2048];
         loop {
-            let Ok((_, peer)) = udp.recv_from(&mut buf).await else { continue };
+            let Ok((_, peer)) = udp.recv_from(&mut buf).await else {
+                continue;
+            };
             let reply = format!("{udp_name} {peer}\n");
             let _ = udp.send_to(reply.as_bytes(), peer).await;
         }
@@ -37,7 +43,11 @@ pub async fn serve(name: String, port: u16) -> anyhow::Result<()> {
     }
 }
 
-async fn handle(stream: tokio::net::TcpStream, peer: SocketAddr, name: &str) -> std::io::Result<()> {
+async fn handle(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    name: &str,
+) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let mut reader = tokio::io::BufReader::new(stream);
     let mut line = String::new();
@@ -61,7 +71,10 @@ async fn handle(stream: tokio::net::TcpStream, peer: SocketAddr, name: &str) -> 
             reader.get_mut().write_all(&buf[..n]).await?;
         }
     } else {
-        reader.get_mut().write_all(format!("{name} {peer}\n").as_bytes()).await?;
+        reader
+            .get_mut()
+            .write_all(format!("{name} {peer}\n").as_bytes())
+            .await?;
     }
     reader.get_mut().shutdown().await
 }
@@ -69,12 +82,17 @@ async fn handle(stream: tokio::net::TcpStream, peer: SocketAddr, name: &str) -> 
 /// One TCP `who` request from the current thread's namespace: the name of
 /// the pod that answered.
 pub fn tcp_who(addr: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connecting to {addr}"))?;
+    let mut s = TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("connecting to {addr}"))?;
     s.set_read_timeout(Some(timeout))?;
     s.write_all(b"who\n")?;
     let mut reply = String::new();
     BufReader::new(&mut s).read_line(&mut reply)?;
-    let name = reply.split_whitespace().next().unwrap_or_default().to_string();
+    let name = reply
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
     if name.is_empty() {
         bail!("empty reply from {addr}");
     }
@@ -88,12 +106,18 @@ pub fn udp_who(addr: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
     s.set_read_timeout(Some(timeout))?;
     s.send_to(b"who\n", addr)?;
     let mut buf = [0u8; 512];
-    let (n, from) = s.recv_from(&mut buf).with_context(|| format!("no UDP reply from {addr}"))?;
+    let (n, from) = s
+        .recv_from(&mut buf)
+        .with_context(|| format!("no UDP reply from {addr}"))?;
     if from != addr {
         bail!("UDP reply came from {from}, not {addr}: reverse translation failed");
     }
     let reply = String::from_utf8_lossy(&buf[..n]);
-    Ok(reply.split_whitespace().next().unwrap_or_default().to_string())
+    Ok(reply
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
 }
 
 /// Downloads `bytes N` over TCP and returns how many bytes arrived.

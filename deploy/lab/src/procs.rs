@@ -70,7 +70,11 @@ impl Proc {
 
     /// Sends `signal` and waits up to `grace` for the exit; kills after that.
     /// Returns the exit status, if it exited on its own.
-    pub async fn stop_with(&mut self, signal: Signal, grace: Duration) -> Option<std::process::ExitStatus> {
+    pub async fn stop_with(
+        &mut self,
+        signal: Signal,
+        grace: Duration,
+    ) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
         if let Some(pid) = child.id() {
             let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), signal);
@@ -86,12 +90,14 @@ impl Proc {
 
     /// Graceful stop: SIGTERM, then SIGKILL after 10 s.
     pub async fn stop(&mut self) -> Option<std::process::ExitStatus> {
-        self.stop_with(Signal::SIGTERM, Duration::from_secs(10)).await
+        self.stop_with(Signal::SIGTERM, Duration::from_secs(10))
+            .await
     }
 
     /// SIGKILL: the process gets no chance to clean up.
     pub async fn kill(&mut self) {
-        self.stop_with(Signal::SIGKILL, Duration::from_secs(5)).await;
+        self.stop_with(Signal::SIGKILL, Duration::from_secs(5))
+            .await;
     }
 
     pub fn restart(&mut self) -> anyhow::Result<()> {
