@@ -8,6 +8,7 @@
 #include "lib/conntrack.h"
 #include "lib/lb.h"
 #include "lib/metrics.h"
+#include "lib/sock.h"
 
 #define STRUCT(s) printf("    (\"%s\", %zu, &[", #s, sizeof(struct s))
 #define FIELD(s, f) printf("(\"%s\", %zu), ", #f, offsetof(struct s, f))
@@ -30,6 +31,7 @@ int main(void)
 	FIELD(lb4_service, rev_nat_index);
 	FIELD(lb4_service, flags);
 	FIELD(lb4_service, algorithm);
+	FIELD(lb4_service, affinity_timeout);
 	END();
 	STRUCT(lb4_backend);
 	FIELD(lb4_backend, address);
@@ -55,6 +57,33 @@ int main(void)
 	FIELD(ct4_entry, port);
 	FIELD(ct4_entry, rev_nat_index);
 	FIELD(ct4_entry, flags);
+	FIELD(ct4_entry, nat_addr);
+	FIELD(ct4_entry, nat_port);
+	END();
+	STRUCT(lb4_maglev_key);
+	FIELD(lb4_maglev_key, rev_nat_index);
+	FIELD(lb4_maglev_key, block);
+	END();
+	STRUCT(lb4_maglev_block);
+	FIELD(lb4_maglev_block, backend_ids);
+	END();
+	STRUCT(lb4_affinity_key);
+	FIELD(lb4_affinity_key, client);
+	FIELD(lb4_affinity_key, rev_nat_index);
+	END();
+	STRUCT(lb4_affinity);
+	FIELD(lb4_affinity, last_used);
+	FIELD(lb4_affinity, backend_id);
+	END();
+	STRUCT(sock4_revnat_key);
+	FIELD(sock4_revnat_key, cookie);
+	FIELD(sock4_revnat_key, address);
+	FIELD(sock4_revnat_key, port);
+	END();
+	STRUCT(sock4_revnat);
+	FIELD(sock4_revnat, address);
+	FIELD(sock4_revnat, port);
+	FIELD(sock4_revnat, rev_nat_index);
 	END();
 	STRUCT(metrics_value);
 	FIELD(metrics_value, packets);

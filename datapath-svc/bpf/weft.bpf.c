@@ -1,176 +1,303 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
-/* weft's per-packet programs for a pod's host-side veth.
+/* weft's datapath programs.
  *
- * from_container runs on the veth's ingress (packets leaving the pod): a
- * packet to a service frontend is translated to one of the service's
- * backends, the same one for every packet of the connection.
- * to_container runs on the veth's egress (packets entering the pod): a reply
- * from a backend is translated back, so the pod sees the frontend it dialled.
+ * On each pod's host-side veth:
+ *  - from_container (veth ingress, packets leaving the pod) translates a
+ *    connection to a service frontend to one of its backends, the same one
+ *    for every packet of the connection;
+ *  - to_container (veth egress, packets entering the pod) translates
+ *    replies back, so the pod sees the frontend it dialled.
+ * On each of the node's external devices:
+ *  - from_netdev (ingress) serves NodePort, ExternalIP, LoadBalancer and
+ *    HostPort frontends to traffic from outside, SNATing it when the backend
+ *    is on another node so the reply comes back here, and undoes SNAT on
+ *    replies;
+ *  - to_netdev (egress) translates replies of local backends to outside
+ *    clients, and masquerades pod traffic leaving the cluster.
+ * On the cgroup socket hooks, for the node's own processes:
+ *  - sock_connect4 / sock_sendmsg4 rewrite a service address to a backend
+ *    at connect()/sendmsg() time; sock_recvmsg4 / sock_getpeername4 show
+ *    the frontend again.
  *
- * Both return TC_ACT_UNSPEC for what they do not own, so other programs in
- * the same TCX chain still see it; the kernel then routes the (possibly
- * rewritten) packet as usual.
+ * The tc programs return TC_ACT_UNSPEC for what they do not own, so other
+ * programs in the same TCX chain still see it.
  */
 #include "lib/common.h"
 #include "lib/metrics.h"
 #include "lib/lb.h"
 #include "lib/conntrack.h"
 #include "lib/nat.h"
+#include "lib/sock.h"
 
-#define TCP_FLAG_FIN 0x01
-#define TCP_FLAG_SYN 0x02
-#define TCP_FLAG_RST 0x04
-#define TCP_FLAG_ACK 0x10
+#define NODE_ADDRS_MAP_SIZE 256
 
-struct tuple4 {
-	__be32 saddr;
-	__be32 daddr;
-	__be16 sport;
-	__be16 dport;
-	__u8 proto;
-	__u8 tcp_flags;
-	__u32 l4_off;
+/* The node's IPv4 address on each external device, by ifindex: the source
+ * for SNAT and masquerading. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, __be32);
+	__uint(max_entries, NODE_ADDRS_MAP_SIZE);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_node_addrs SEC(".maps");
+
+enum {
+	NOT_OURS = -2,
 };
 
-enum parse_result {
-	PARSE_MALFORMED = -1,
-	PARSE_NOT_OURS = 0, /* not IPv4 TCP/UDP, or a non-first fragment */
-	PARSE_OK = 1,
-};
-
-/* Reads the IPv4 5-tuple with bpf_skb_load_bytes, which also works on
- * non-linear packets and spares the verifier variable-offset pointers. */
-static __always_inline int parse_tuple(struct __sk_buff *skb, struct tuple4 *t)
+/* Translates a packet to a service frontend. `external`: it arrived from
+ * outside the node, so only external frontends apply, and a backend on
+ * another node needs SNAT (and a redirect, since the new source is ours).
+ * Returns NOT_OURS or a tc verdict. */
+static __always_inline int lb4_forward(struct __sk_buff *skb, const struct tuple4 *t, int external)
 {
-	struct iphdr ip;
-	__be16 ports[2];
+	struct lb4_service *svc, s;
+	struct lb4_backend *be, b;
+	struct ct4_entry *e, entry = {}, rentry = {};
+	struct ct4_key key = {}, rkey = {};
+	__be32 nat_addr = 0, *dev_addr;
+	__be16 nat_port = 0;
+	__u32 backend_id = 0, ifindex;
+	__u64 now;
+	int snat = 0, port;
 
-	if (skb->protocol != bpf_htons(ETH_P_IP))
-		return PARSE_NOT_OURS;
-	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)))
-		return PARSE_MALFORMED;
-	if (ip.ihl < 5 || ip.version != 4)
-		return PARSE_MALFORMED;
-	if (ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP)
-		return PARSE_NOT_OURS;
-	/* Later fragments carry no ports; they cannot be matched. */
-	if (ip.frag_off & bpf_htons(0x1fff))
-		return PARSE_NOT_OURS;
+	svc = lb4_lookup_service(t->daddr, t->dport, t->proto);
+	if (!svc)
+		return NOT_OURS;
+	if (external && !(svc->flags & SVC_FLAGS_EXTERNAL))
+		return NOT_OURS;
+	s = *svc;
+	now = bpf_ktime_get_ns();
 
-	t->saddr = ip.saddr;
-	t->daddr = ip.daddr;
-	t->proto = ip.protocol;
-	t->l4_off = ETH_HLEN + ip.ihl * 4;
-	if (bpf_skb_load_bytes(skb, t->l4_off, ports, sizeof(ports)))
-		return PARSE_MALFORMED;
-	t->sport = ports[0];
-	t->dport = ports[1];
-	t->tcp_flags = 0;
-	if (ip.protocol == IPPROTO_TCP &&
-	    bpf_skb_load_bytes(skb, t->l4_off + 13, &t->tcp_flags, 1))
-		return PARSE_MALFORMED;
-	return PARSE_OK;
+	be = NULL;
+	e = ct_lookup(&weft_ct4_services, t, now);
+	if (e) {
+		/* An existing connection keeps its backend, even one that is
+		 * terminating, for as long as the backend exists. */
+		backend_id = e->backend_id;
+		snat = e->flags & CT_FLAG_SNAT;
+		nat_addr = e->nat_addr;
+		nat_port = e->nat_port;
+		be = bpf_map_lookup_elem(&weft_lb4_backends, &backend_id);
+	}
+	if (!be) {
+		__u32 hash = hash3(t->saddr, t->daddr ^ CFG_HASH_SEED,
+				   (((__u32)t->sport) << 16 | t->dport) ^ t->proto);
+
+		backend_id = lb4_select(t->daddr, t->dport, t->proto, &s, t->saddr, hash, now);
+		be = lb4_usable_backend(backend_id);
+		if (!be) {
+			count(skb, REASON_NO_BACKEND);
+			return WEFT_DROP;
+		}
+		b = *be;
+		entry.last_seen = now;
+		entry.backend_id = backend_id;
+		entry.rev_nat_index = s.rev_nat_index;
+		entry.flags = closes(t) ? CT_FLAG_CLOSING : 0;
+		snat = external && !(b.flags & BACKEND_FLAG_LOCAL);
+		if (snat) {
+			ifindex = skb->ingress_ifindex;
+			dev_addr = bpf_map_lookup_elem(&weft_node_addrs, &ifindex);
+			nat_addr = dev_addr ? *dev_addr : t->daddr;
+			rkey.saddr = b.address;
+			rkey.daddr = nat_addr;
+			rkey.sport = b.port;
+			rkey.proto = t->proto;
+			rentry.last_seen = now;
+			rentry.address = t->daddr;
+			rentry.port = t->dport;
+			rentry.rev_nat_index = s.rev_nat_index;
+			rentry.flags = CT_FLAG_SNAT;
+			rentry.nat_addr = t->saddr;
+			rentry.nat_port = t->sport;
+			port = snat_claim_port(&rkey, &rentry);
+			if (port < 0) {
+				count(skb, REASON_NAT_EXHAUSTED);
+				return WEFT_DROP;
+			}
+			nat_port = bpf_htons(port);
+			entry.flags |= CT_FLAG_SNAT;
+			entry.nat_addr = nat_addr;
+			entry.nat_port = nat_port;
+		}
+		ct_key_of(&key, t);
+		bpf_map_update_elem(&weft_ct4_services, &key, &entry, BPF_ANY);
+	} else {
+		b = *be;
+	}
+
+	/* The reply's tuple, for the reverse translation. */
+	rkey.saddr = b.address;
+	rkey.sport = b.port;
+	rkey.proto = t->proto;
+	rkey.daddr = snat ? nat_addr : t->saddr;
+	rkey.dport = snat ? nat_port : t->sport;
+	e = bpf_map_lookup_elem(&weft_ct4_reverse, &rkey);
+	if (e) {
+		e->last_seen = now;
+		if (closes(t))
+			e->flags |= CT_FLAG_CLOSING;
+	} else {
+		rentry.last_seen = now;
+		rentry.address = t->daddr;
+		rentry.port = t->dport;
+		rentry.rev_nat_index = s.rev_nat_index;
+		rentry.flags = (closes(t) ? CT_FLAG_CLOSING : 0) | (snat ? CT_FLAG_SNAT : 0);
+		rentry.nat_addr = snat ? t->saddr : 0;
+		rentry.nat_port = snat ? t->sport : 0;
+		bpf_map_update_elem(&weft_ct4_reverse, &rkey, &rentry, BPF_ANY);
+	}
+
+	if (nat_rewrite(skb, t->l4_off, t->proto, 1, t->daddr, b.address, t->dport, b.port) ||
+	    (snat && nat_rewrite(skb, t->l4_off, t->proto, 0, t->saddr, nat_addr, t->sport, nat_port))) {
+		count(skb, REASON_CSUM_ERROR);
+		return WEFT_DROP;
+	}
+	count(skb, REASON_LB_TRANSLATED);
+	if (snat) {
+		int rc = redirect_by_route(skb, nat_addr, b.address);
+
+		if (rc < 0) {
+			count(skb, REASON_FIB_FAILED);
+			return WEFT_DROP;
+		}
+		return rc;
+	}
+	return WEFT_PASS;
 }
 
-static __always_inline int closes(const struct tuple4 *t)
+/* Undoes a translation on a reply. `snat` selects which entries apply:
+ * replies to SNATed connections (arriving at the node's own address) or
+ * replies to translated connections of local clients and backends.
+ * Returns NOT_OURS or a tc verdict. */
+static __always_inline int lb4_reverse(struct __sk_buff *skb, const struct tuple4 *t, int snat)
 {
-	return t->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST);
+	struct ct4_entry *e;
+	__be32 front_addr, client_addr;
+	__be16 front_port, client_port;
+	__u64 now = bpf_ktime_get_ns();
+	int rc;
+
+	e = ct_lookup(&weft_ct4_reverse, t, now);
+	if (!e || !!(e->flags & CT_FLAG_SNAT) != !!snat)
+		return NOT_OURS;
+	front_addr = e->address;
+	front_port = e->port;
+	client_addr = e->nat_addr;
+	client_port = e->nat_port;
+
+	if (snat && nat_rewrite(skb, t->l4_off, t->proto, 1, t->daddr, client_addr, t->dport, client_port))
+		goto csum;
+	if (front_addr && nat_rewrite(skb, t->l4_off, t->proto, 0, t->saddr, front_addr, t->sport, front_port))
+		goto csum;
+	count(skb, REASON_LB_REVERSED);
+	if (snat && front_addr) {
+		/* A reply from a backend on another node: its source is now
+		 * this node's frontend, which the input path would refuse. */
+		rc = redirect_by_route(skb, front_addr, client_addr);
+		if (rc < 0) {
+			count(skb, REASON_FIB_FAILED);
+			return WEFT_DROP;
+		}
+		return rc;
+	}
+	return WEFT_PASS;
+csum:
+	count(skb, REASON_CSUM_ERROR);
+	return WEFT_DROP;
 }
 
-/* A pure SYN opens a new connection: if the tuple's entry belongs to a
- * connection that has closed, the new one may go to a new backend. */
-static __always_inline int opens(const struct tuple4 *t)
+/* Masquerades a pod's connection leaving the cluster to the device's
+ * address, with a source port of its own. */
+static __always_inline int masquerade(struct __sk_buff *skb, const struct tuple4 *t)
 {
-	return (t->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+	struct ct4_entry *e, entry = {}, rentry = {};
+	struct ct4_key key = {}, rkey = {};
+	__be32 *dev_addr, nat_addr;
+	__be16 nat_port;
+	__u32 ifindex = skb->ifindex;
+	__u64 now;
+	int port;
+
+	if (!CFG_MASQUERADE || !in_cluster(t->saddr) || in_cluster(t->daddr))
+		return NOT_OURS;
+	dev_addr = bpf_map_lookup_elem(&weft_node_addrs, &ifindex);
+	if (!dev_addr)
+		return NOT_OURS;
+	nat_addr = *dev_addr;
+	now = bpf_ktime_get_ns();
+
+	e = ct_lookup(&weft_masq4, t, now);
+	if (e) {
+		nat_port = e->nat_port;
+		rkey.saddr = t->daddr;
+		rkey.daddr = nat_addr;
+		rkey.sport = t->dport;
+		rkey.dport = nat_port;
+		rkey.proto = t->proto;
+		e = bpf_map_lookup_elem(&weft_ct4_reverse, &rkey);
+		if (e) {
+			e->last_seen = now;
+			if (closes(t))
+				e->flags |= CT_FLAG_CLOSING;
+		}
+	} else {
+		rkey.saddr = t->daddr;
+		rkey.daddr = nat_addr;
+		rkey.sport = t->dport;
+		rkey.proto = t->proto;
+		rentry.last_seen = now;
+		rentry.flags = CT_FLAG_SNAT;
+		rentry.nat_addr = t->saddr;
+		rentry.nat_port = t->sport;
+		port = snat_claim_port(&rkey, &rentry);
+		if (port < 0) {
+			count(skb, REASON_NAT_EXHAUSTED);
+			return WEFT_DROP;
+		}
+		nat_port = bpf_htons(port);
+		entry.last_seen = now;
+		entry.flags = CT_FLAG_SNAT;
+		entry.nat_addr = nat_addr;
+		entry.nat_port = nat_port;
+		ct_key_of(&key, t);
+		bpf_map_update_elem(&weft_masq4, &key, &entry, BPF_ANY);
+	}
+	if (nat_rewrite(skb, t->l4_off, t->proto, 0, t->saddr, nat_addr, t->sport, nat_port)) {
+		count(skb, REASON_CSUM_ERROR);
+		return WEFT_DROP;
+	}
+	count(skb, REASON_MASQUERADED);
+	return WEFT_PASS;
 }
 
-/* The backend an existing connection uses, if it is still valid. */
-static __always_inline __u32 ct_backend(struct ct4_key *key, const struct tuple4 *t, __u64 now)
-{
-	struct ct4_entry *e = bpf_map_lookup_elem(&weft_ct4_services, key);
+/* Runs `step` and returns its verdict unless it said NOT_OURS. */
+#define TRY(step)                         \
+	do {                              \
+		int __rc = (step);        \
+		if (__rc != NOT_OURS)     \
+			return __rc;      \
+	} while (0)
 
-	if (!e || ct_expired(e, t->proto, now))
-		return 0;
-	if (opens(t) && (e->flags & CT_FLAG_CLOSING))
-		return 0;
-	e->last_seen = now;
-	if (closes(t))
-		e->flags |= CT_FLAG_CLOSING;
-	return e->backend_id;
-}
+#define PARSE_OR_PASS(skb, t)                            \
+	do {                                             \
+		int __r = parse_tuple(skb, t);           \
+		if (__r == PARSE_MALFORMED) {            \
+			count(skb, REASON_MALFORMED);    \
+			return WEFT_PASS;                \
+		}                                        \
+		if (__r == PARSE_NOT_OURS)               \
+			goto pass;                       \
+	} while (0)
 
 SEC("classifier/from_container")
 int from_container(struct __sk_buff *skb)
 {
 	struct tuple4 t = {};
-	struct lb4_service *svc;
-	struct lb4_backend *be, backend;
-	struct ct4_key key = {}, rkey = {};
-	struct ct4_entry entry = {}, rentry = {};
-	__u16 rev_nat_index;
-	__u32 backend_id;
-	__u64 now;
-	int r;
 
-	r = parse_tuple(skb, &t);
-	if (r == PARSE_MALFORMED) {
-		count(skb, REASON_MALFORMED);
-		return WEFT_PASS;
-	}
-	if (r == PARSE_NOT_OURS)
-		goto pass;
-
-	svc = lb4_lookup_service(t.daddr, t.dport, t.proto);
-	if (!svc)
-		goto pass;
-	rev_nat_index = svc->rev_nat_index;
-
-	now = bpf_ktime_get_ns();
-	key.saddr = t.saddr;
-	key.daddr = t.daddr;
-	key.sport = t.sport;
-	key.dport = t.dport;
-	key.proto = t.proto;
-
-	be = NULL;
-	backend_id = ct_backend(&key, &t, now);
-	if (backend_id)
-		be = bpf_map_lookup_elem(&weft_lb4_backends, &backend_id);
-	if (!be) {
-		/* New connection, or its backend is gone: choose again. */
-		backend_id = lb4_select_backend(t.daddr, t.dport, t.proto, svc);
-		if (backend_id)
-			be = bpf_map_lookup_elem(&weft_lb4_backends, &backend_id);
-		if (!be) {
-			count(skb, REASON_NO_BACKEND);
-			return WEFT_DROP;
-		}
-		entry.last_seen = now;
-		entry.backend_id = backend_id;
-		entry.rev_nat_index = rev_nat_index;
-		entry.flags = closes(&t) ? CT_FLAG_CLOSING : 0;
-		bpf_map_update_elem(&weft_ct4_services, &key, &entry, BPF_ANY);
-	}
-	backend = *be;
-
-	rkey.saddr = backend.address;
-	rkey.daddr = t.saddr;
-	rkey.sport = backend.port;
-	rkey.dport = t.sport;
-	rkey.proto = t.proto;
-	rentry.last_seen = now;
-	rentry.address = t.daddr;
-	rentry.port = t.dport;
-	rentry.rev_nat_index = rev_nat_index;
-	rentry.flags = closes(&t) ? CT_FLAG_CLOSING : 0;
-	bpf_map_update_elem(&weft_ct4_reverse, &rkey, &rentry, BPF_ANY);
-
-	if (nat_rewrite(skb, t.l4_off, t.proto, 1, t.daddr, backend.address, t.dport, backend.port)) {
-		count(skb, REASON_CSUM_ERROR);
-		return WEFT_DROP;
-	}
-	count(skb, REASON_LB_TRANSLATED);
-	return WEFT_PASS;
+	PARSE_OR_PASS(skb, &t);
+	TRY(lb4_forward(skb, &t, 0));
 pass:
 	count(skb, REASON_PASSED);
 	return WEFT_PASS;
@@ -180,47 +307,125 @@ SEC("classifier/to_container")
 int to_container(struct __sk_buff *skb)
 {
 	struct tuple4 t = {};
-	struct ct4_key rkey = {};
-	struct ct4_entry *e;
-	__be32 frontend_addr;
-	__be16 frontend_port;
-	__u64 now;
-	int r;
 
-	r = parse_tuple(skb, &t);
-	if (r == PARSE_MALFORMED) {
-		count(skb, REASON_MALFORMED);
-		return WEFT_PASS;
-	}
-	if (r == PARSE_NOT_OURS)
-		goto pass;
-
-	rkey.saddr = t.saddr;
-	rkey.daddr = t.daddr;
-	rkey.sport = t.sport;
-	rkey.dport = t.dport;
-	rkey.proto = t.proto;
-	e = bpf_map_lookup_elem(&weft_ct4_reverse, &rkey);
-	if (!e)
-		goto pass;
-	now = bpf_ktime_get_ns();
-	if (ct_expired(e, t.proto, now))
-		goto pass;
-	e->last_seen = now;
-	if (closes(&t))
-		e->flags |= CT_FLAG_CLOSING;
-	frontend_addr = e->address;
-	frontend_port = e->port;
-
-	if (nat_rewrite(skb, t.l4_off, t.proto, 0, t.saddr, frontend_addr, t.sport, frontend_port)) {
-		count(skb, REASON_CSUM_ERROR);
-		return WEFT_DROP;
-	}
-	count(skb, REASON_LB_REVERSED);
-	return WEFT_PASS;
+	PARSE_OR_PASS(skb, &t);
+	TRY(lb4_reverse(skb, &t, 0));
 pass:
 	count(skb, REASON_PASSED);
 	return WEFT_PASS;
+}
+
+SEC("classifier/from_netdev")
+int from_netdev(struct __sk_buff *skb)
+{
+	struct tuple4 t = {};
+
+	PARSE_OR_PASS(skb, &t);
+	TRY(lb4_reverse(skb, &t, 1));
+	TRY(lb4_forward(skb, &t, 1));
+pass:
+	count(skb, REASON_PASSED);
+	return WEFT_PASS;
+}
+
+SEC("classifier/to_netdev")
+int to_netdev(struct __sk_buff *skb)
+{
+	struct tuple4 t = {};
+
+	PARSE_OR_PASS(skb, &t);
+	TRY(lb4_reverse(skb, &t, 0));
+	TRY(masquerade(skb, &t));
+pass:
+	count(skb, REASON_PASSED);
+	return WEFT_PASS;
+}
+
+/* Socket load-balancing. Every node's programs sit on the same cgroup in
+ * the lab (one kernel, many nodes), so each acts only in its own network
+ * namespace. Returning 1 lets the call proceed; 0 fails it with EPERM. */
+static __always_inline int sock4_translate(struct bpf_sock_addr *ctx)
+{
+	struct lb4_service *svc, s;
+	struct lb4_backend *be, b;
+	struct sock4_revnat_key rkey = {};
+	struct sock4_revnat rn = {};
+	__be32 daddr = ctx->user_ip4;
+	__be16 dport = (__be16)ctx->user_port;
+	__u8 proto = ctx->protocol;
+	__u64 cookie, now;
+	__u32 id;
+
+	if (bpf_get_netns_cookie(ctx) != CFG_NETNS_COOKIE)
+		return 1;
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return 1;
+	svc = lb4_lookup_service(daddr, dport, proto);
+	if (!svc)
+		return 1;
+	s = *svc;
+	cookie = bpf_get_socket_cookie(ctx);
+	now = bpf_ktime_get_ns();
+	id = lb4_select(daddr, dport, proto, &s, 0, hash3((__u32)cookie, (__u32)(cookie >> 32), daddr ^ CFG_HASH_SEED), now);
+	be = lb4_usable_backend(id);
+	if (!be) {
+		count_len(0, REASON_NO_BACKEND);
+		return 0;
+	}
+	b = *be;
+	ctx->user_ip4 = b.address;
+	ctx->user_port = b.port;
+	rkey.cookie = cookie;
+	rkey.address = b.address;
+	rkey.port = b.port;
+	rn.address = daddr;
+	rn.port = dport;
+	rn.rev_nat_index = s.rev_nat_index;
+	bpf_map_update_elem(&weft_sock4_revnat, &rkey, &rn, BPF_ANY);
+	count_len(0, REASON_SOCK_TRANSLATED);
+	return 1;
+}
+
+static __always_inline int sock4_reverse(struct bpf_sock_addr *ctx)
+{
+	struct sock4_revnat_key rkey = {};
+	struct sock4_revnat *rn;
+
+	if (bpf_get_netns_cookie(ctx) != CFG_NETNS_COOKIE)
+		return 1;
+	rkey.cookie = bpf_get_socket_cookie(ctx);
+	rkey.address = ctx->user_ip4;
+	rkey.port = (__be16)ctx->user_port;
+	rn = bpf_map_lookup_elem(&weft_sock4_revnat, &rkey);
+	if (rn) {
+		ctx->user_ip4 = rn->address;
+		ctx->user_port = rn->port;
+	}
+	return 1;
+}
+
+SEC("cgroup/connect4")
+int sock_connect4(struct bpf_sock_addr *ctx)
+{
+	return sock4_translate(ctx);
+}
+
+SEC("cgroup/sendmsg4")
+int sock_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return sock4_translate(ctx);
+}
+
+SEC("cgroup/recvmsg4")
+int sock_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	return sock4_reverse(ctx);
+}
+
+SEC("cgroup/getpeername4")
+int sock_getpeername4(struct bpf_sock_addr *ctx)
+{
+	return sock4_reverse(ctx);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

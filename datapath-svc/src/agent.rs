@@ -2,25 +2,29 @@
 //! ADD, DEL, CHECK and GC do).
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::Ipv4Addr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, RwLock},
 };
 
+use ipnet::Ipv4Net;
 use tokio::sync::watch;
+use tonic::transport::Channel;
 use weft_common::{store::Store, watch::Mirror};
 use weft_proto::{
     datapath::v1::{CniAttachment, CniRequest, CniResult},
-    identity::v1::SecurityIdentity,
+    identity::v1::{AllocateRequest, SecurityIdentity, identity_client::IdentityClient},
 };
 
 use crate::{
     bpf::{Counters, KernelLbMaps, Programs},
     endpoints::{EndpointRecord, Endpoints, attachment_key},
+    lb::NodeView,
     metrics::Metrics,
     podipam::{IpamError, PodIpam},
     podnet,
+    routing::{Device, RoutingMode},
     sync::LbSync,
 };
 
@@ -91,10 +95,24 @@ impl Peers {
     }
 }
 
+/// What the agent knows about its node from flags and the host.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub name: String,
+    pub mtu: u32,
+    pub pin_dir: PathBuf,
+    pub routing_mode: RoutingMode,
+    /// The external devices the device programs are attached to.
+    pub devices: Vec<Device>,
+    /// The node as load-balancer frontends see it.
+    pub view: NodeView,
+}
+
 pub struct Agent {
     pub node: String,
     pub mtu: u32,
     pub pin_dir: PathBuf,
+    pub config: NodeConfig,
     pub store: Store,
     pub ipam: PodIpam,
     pub endpoints: Endpoints,
@@ -108,14 +126,19 @@ pub struct Agent {
     pub identities: RwLock<HashMap<String, SecurityIdentity>>,
     pub peers: Peers,
     pub metrics: Metrics,
+    /// Every node's pod CIDR, from ipam-svc, for routes to other nodes.
+    pub allocations: Mutex<BTreeMap<String, Ipv4Net>>,
+    /// Woken when routes to other nodes may need to change.
+    pub routes_dirty: tokio::sync::Notify,
+    /// Pods whose host ports may have changed (`namespace/name`).
+    hostports_dirty: tokio::sync::mpsc::UnboundedSender<String>,
+    identity: IdentityClient<Channel>,
     attach_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// What an Agent is built from.
 pub struct AgentParts {
-    pub node: String,
-    pub mtu: u32,
-    pub pin_dir: PathBuf,
+    pub config: NodeConfig,
     pub store: Store,
     pub ipam: PodIpam,
     pub endpoints: Endpoints,
@@ -125,14 +148,17 @@ pub struct AgentParts {
     pub netlink: rtnetlink::Handle,
     pub cluster: Mirror,
     pub metrics: Metrics,
+    pub identity: IdentityClient<Channel>,
+    pub hostports_dirty: tokio::sync::mpsc::UnboundedSender<String>,
 }
 
 impl Agent {
     pub fn new(p: AgentParts) -> Self {
         Self {
-            node: p.node,
-            mtu: p.mtu,
-            pin_dir: p.pin_dir,
+            node: p.config.name.clone(),
+            mtu: p.config.mtu,
+            pin_dir: p.config.pin_dir.clone(),
+            config: p.config,
             store: p.store,
             ipam: p.ipam,
             endpoints: p.endpoints,
@@ -144,6 +170,10 @@ impl Agent {
             identities: RwLock::new(HashMap::new()),
             peers: Peers::default(),
             metrics: p.metrics,
+            allocations: Mutex::new(BTreeMap::new()),
+            routes_dirty: tokio::sync::Notify::new(),
+            hostports_dirty: p.hostports_dirty,
+            identity: p.identity,
             attach_locks: Mutex::new(HashMap::new()),
         }
     }
@@ -198,6 +228,8 @@ impl Agent {
                     .cni_ops
                     .get_or_create(&op_label("add", "ok"))
                     .inc();
+                self.allocate_identity(&record).await;
+                self.hostports_changed(&record);
                 Ok(record.result())
             }
             Err(e) => {
@@ -248,6 +280,7 @@ impl Agent {
             host_mac: podnet::format_mac(&link.host_mac),
             pod_mac: podnet::format_mac(&link.pod_mac),
             mtu,
+            port_mappings: req.port_mappings.clone(),
         };
         self.endpoints.put(&record).await.map_err(store_failure)?;
         tracing::info!(pod = %record.pod(), ip = %record.ip, host_ifname = %record.host_ifname, "endpoint added");
@@ -300,6 +333,7 @@ impl Agent {
             .await
             .map_err(|e| CniFailure::internal(cni_code::IO_FAILURE, e.to_string()))?;
         self.endpoints.remove(&key).await.map_err(store_failure)?;
+        self.hostports_changed(record);
         tracing::info!(pod = %record.pod(), ip = %record.ip, "endpoint removed");
         Ok(())
     }
@@ -396,6 +430,78 @@ impl Agent {
             }
         }
         Ok(restored)
+    }
+
+    /// Asks identity-svc for the new pod's identity right away, holding a
+    /// reference as the pod (the same owner identity-svc's own pod watch
+    /// uses, so the two never count twice). Best effort and bounded: the pod
+    /// runs with `init` until the identity arrives through the watch.
+    async fn allocate_identity(&self, record: &EndpointRecord) {
+        if record.pod_name.is_empty() {
+            return;
+        }
+        let (_, labels) = self.identity_of(&record.pod_namespace, &record.pod_name);
+        if labels.is_empty() {
+            return;
+        }
+        let mut request = tonic::Request::new(AllocateRequest {
+            labels: labels.into_iter().collect(),
+            owner: format!("pod:{}/{}", record.pod_namespace, record.pod_name),
+        });
+        request.set_timeout(std::time::Duration::from_secs(1));
+        let mut client = self.identity.clone();
+        match tokio::time::timeout(std::time::Duration::from_secs(1), client.allocate(request))
+            .await
+        {
+            Ok(Ok(id)) => {
+                let id = id.into_inner();
+                tracing::debug!(pod = %record.pod(), identity = id.id, "identity allocated");
+                let key = weft_common::labels::canonical_key(&id.labels);
+                self.identities
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key, id);
+            }
+            Ok(Err(status)) => {
+                tracing::debug!(pod = %record.pod(), %status, "identity not allocated yet")
+            }
+            Err(_) => tracing::debug!(pod = %record.pod(), "identity-svc did not answer in time"),
+        }
+    }
+
+    fn hostports_changed(&self, record: &EndpointRecord) {
+        if !record.port_mappings.is_empty() || !record.pod_name.is_empty() {
+            let _ = self.hostports_dirty.send(record.pod());
+        }
+    }
+
+    /// Carries out the DELs the CNI plugin queued while this agent was down.
+    pub async fn drain_del_queue(&self, dir: &Path) {
+        let drained = match weft_cni::del_queue::drain_dir(dir) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "reading the CNI DEL queue");
+                return;
+            }
+        };
+        for bad in drained.malformed {
+            tracing::warn!(path = %bad.path.display(), error = %bad.error, "discarding an unreadable queued DEL");
+            let _ = bad.discard();
+        }
+        for pending in drained.pending {
+            let req = pending.del.to_request();
+            match self.del(&req).await {
+                Ok(()) => {
+                    tracing::info!(container_id = %req.container_id, ifname = %req.ifname, "queued CNI DEL carried out");
+                    if let Err(e) = pending.done() {
+                        tracing::warn!(path = %pending.path.display(), error = %e, "removing a drained DEL");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(container_id = %req.container_id, error = %e, "queued CNI DEL failed; kept for the next start")
+                }
+            }
+        }
     }
 
     /// Whether the node can take pods now.

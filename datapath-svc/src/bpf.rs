@@ -3,12 +3,15 @@
 //!
 //! Maps are pinned by name under the node's directory
 //! (`/sys/fs/bpf/weft/<node>/`), so they outlive this process and a restart
-//! finds them full. Each endpoint's attachments are TCX links pinned under
-//! `links/`; they keep forwarding while no datapath-svc runs, and a new
-//! datapath-svc swaps its freshly loaded program into them atomically.
+//! finds them full. Every attachment is a BPF link pinned under `links/`; it
+//! keeps forwarding while no datapath-svc runs, and a new datapath-svc swaps
+//! its freshly loaded program into it atomically (tc) or attaches beside it
+//! and then drops the old one (cgroup socket hooks, whose programs are
+//! idempotent, so running both for a moment is harmless).
 
 use std::{
     fs, io,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
 };
 
@@ -16,15 +19,19 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
     },
 };
+use ipnet::Ipv4Net;
 
 use crate::{
-    maps::{Lb4Backend, Lb4Key, Lb4ReverseNat, Lb4Service, MetricsValue, Reason, names},
-    sync::{LbMaps, SyncError},
+    maps::{
+        Lb4Backend, Lb4Key, Lb4MaglevBlock, Lb4MaglevKey, Lb4ReverseNat, Lb4Service, MetricsValue,
+        Reason, be_addr, globals, names,
+    },
+    sync::{LbMaps, MaglevConfig, SyncError},
 };
 
 /// The compiled programs (see build.rs).
@@ -37,17 +44,14 @@ pub enum BpfError {
     #[error("bpffs at {path}: {message}")]
     BpfFs { path: String, message: String },
     #[error("loading the eBPF object: {0}")]
-    Load(#[from] aya::EbpfError),
-    #[error("eBPF program {name}: {source}")]
-    Program {
-        name: &'static str,
-        source: aya::programs::ProgramError,
-    },
+    Load(String),
+    #[error("eBPF program {name}: {message}")]
+    Program { name: &'static str, message: String },
     #[error("eBPF map {name}: {message}")]
     Map { name: &'static str, message: String },
-    #[error("attaching to {ifname} ({direction}): {message}")]
+    #[error("attaching to {target} ({direction}): {message}")]
     Attach {
-        ifname: String,
+        target: String,
         direction: &'static str,
         message: String,
     },
@@ -57,17 +61,47 @@ pub enum BpfError {
 
 pub type Result<T, E = BpfError> = std::result::Result<T, E>;
 
+/// What the programs are told at load time.
+#[derive(Debug, Clone, Default)]
+pub struct LoadConfig {
+    /// The node's network namespace, for the socket hooks to recognise it.
+    pub netns_cookie: u64,
+    /// The cluster's pod CIDR: pod traffic leaving it is masqueraded.
+    pub cluster_cidr: Option<Ipv4Net>,
+    pub masquerade: bool,
+    pub maglev: MaglevConfig,
+}
+
 /// The programs of one node and where its pins live.
 pub struct Programs {
     ebpf: Ebpf,
     links_dir: PathBuf,
+    node_addrs: BpfHashMap<MapData, u32, u32>,
 }
 
-/// Both directions of a pod veth, host side.
-const ATTACHMENTS: [(&str, TcAttachType, &str); 2] = [
+/// A pod veth's attachments, host side.
+const POD_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
     ("from_container", TcAttachType::Ingress, "ingress"),
     ("to_container", TcAttachType::Egress, "egress"),
 ];
+
+/// An external device's attachments.
+const DEVICE_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
+    ("from_netdev", TcAttachType::Ingress, "ingress"),
+    ("to_netdev", TcAttachType::Egress, "egress"),
+];
+
+/// The socket hooks for the node's own processes.
+const SOCK_PROGRAMS: [&str; 4] = [
+    "sock_connect4",
+    "sock_sendmsg4",
+    "sock_recvmsg4",
+    "sock_getpeername4",
+];
+
+/// Pins of device attachments carry this prefix; pod veths have none.
+const DEVICE_PIN_PREFIX: &str = "netdev-";
+const CGROUP_PIN_PREFIX: &str = "cgroup-";
 
 /// Makes sure a bpf filesystem is mounted at `root`, mounting one if not.
 pub fn ensure_bpffs(root: &Path) -> Result<()> {
@@ -90,11 +124,45 @@ pub fn ensure_bpffs(root: &Path) -> Result<()> {
     .map_err(|e| err(format!("not a bpffs and mounting one failed: {e}")))
 }
 
+/// The cgroup v2 hierarchy's mount point, from /proc/self/mountinfo.
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mount_point = left.split_whitespace().nth(4)?;
+        (right.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
+    })
+}
+
+/// The cookie of the calling thread's network namespace.
+pub fn netns_cookie() -> io::Result<u64> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")
+        .or_else(|_| std::net::UdpSocket::bind("0.0.0.0:0"))?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, which is
+    // a valid, initialised u64; the socket fd is open for the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
 /// The kernel's load-balancer maps.
 pub struct KernelLbMaps {
     services: BpfHashMap<MapData, Lb4Key, Lb4Service>,
     backends: BpfHashMap<MapData, u32, Lb4Backend>,
     rev_nat: BpfHashMap<MapData, u16, Lb4ReverseNat>,
+    maglev: BpfHashMap<MapData, Lb4MaglevKey, Lb4MaglevBlock>,
 }
 
 /// Per-reason packet counters.
@@ -102,10 +170,23 @@ pub struct Counters {
     map: PerCpuArray<MapData, MetricsValue>,
 }
 
+/// An error with its chain of causes: aya's syscall errors keep the errno
+/// in their source.
+fn describe(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 impl Programs {
     /// Loads the programs, re-using the maps pinned in `pin_dir` (creating
     /// and pinning them on first start).
-    pub fn load(pin_dir: &Path) -> Result<(Self, KernelLbMaps, Counters)> {
+    pub fn load(pin_dir: &Path, cfg: &LoadConfig) -> Result<(Self, KernelLbMaps, Counters)> {
         let io = |path: &Path| {
             let path = path.display().to_string();
             move |source| BpfError::Io { path, source }
@@ -115,18 +196,40 @@ impl Programs {
         fs::create_dir_all(&links_dir).map_err(io(&links_dir))?;
         raise_memlock_limit();
 
+        let (cluster_net, cluster_mask) = match cfg.cluster_cidr {
+            Some(c) => (be_addr(c.network()), be_addr(c.netmask())),
+            None => (0, 0),
+        };
+        let masquerade = u32::from(cfg.masquerade && cfg.cluster_cidr.is_some());
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
-            .load(PROGRAMS)?;
-        for (name, _, _) in ATTACHMENTS {
+            .override_global(globals::NETNS_COOKIE, &cfg.netns_cookie, true)
+            .override_global(globals::CLUSTER_NET, &cluster_net, true)
+            .override_global(globals::CLUSTER_MASK, &cluster_mask, true)
+            .override_global(globals::MAGLEV_M, &cfg.maglev.m, true)
+            .override_global(globals::MASQUERADE, &masquerade, true)
+            .override_global(globals::HASH_SEED, &cfg.maglev.seed, true)
+            .load(PROGRAMS)
+            .map_err(|e| BpfError::Load(describe(&e)))?;
+        for (name, _, _) in POD_PROGRAMS.iter().chain(DEVICE_PROGRAMS.iter()) {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
-            prog.load()
-                .map_err(|source| BpfError::Program { name, source })?;
+            prog.load().map_err(|e| BpfError::Program {
+                name,
+                message: describe(&e),
+            })?;
+        }
+        for name in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(|e| BpfError::Program {
+                name,
+                message: describe(&e),
+            })?;
         }
         let maps = KernelLbMaps {
             services: take_hash(&mut ebpf, names::LB4_SERVICES)?,
             backends: take_hash(&mut ebpf, names::LB4_BACKENDS)?,
             rev_nat: take_hash(&mut ebpf, names::LB4_REVERSE_NAT)?,
+            maglev: take_hash(&mut ebpf, names::LB4_MAGLEV)?,
         };
         let counters = {
             let map = ebpf.take_map(names::METRICS).ok_or(BpfError::Map {
@@ -140,23 +243,37 @@ impl Programs {
                 })?,
             }
         };
-        Ok((Self { ebpf, links_dir }, maps, counters))
+        let node_addrs = take_hash(&mut ebpf, names::NODE_ADDRS)?;
+        Ok((
+            Self {
+                ebpf,
+                links_dir,
+                node_addrs,
+            },
+            maps,
+            counters,
+        ))
     }
 
     /// bpffs refuses names with a dot, hence `<ifname>@<direction>`.
-    fn link_path(&self, ifname: &str, direction: &str) -> PathBuf {
-        self.links_dir.join(format!("{ifname}@{direction}"))
+    fn link_path(&self, pin: &str, direction: &str) -> PathBuf {
+        self.links_dir.join(format!("{pin}@{direction}"))
     }
 
-    /// Attaches both programs to a pod's host-side veth. Where a pinned link
-    /// exists already (a restart), the program inside it is replaced
-    /// atomically instead, so no packet passes unprocessed.
-    pub fn attach(&mut self, ifname: &str) -> Result<()> {
-        for (name, attach_type, direction) in ATTACHMENTS {
-            let path = self.link_path(ifname, direction);
+    /// Attaches two tc programs to an interface through pinned TCX links.
+    /// Where a pinned link exists already (a restart), the program inside it
+    /// is replaced atomically instead, so no packet passes unprocessed.
+    fn attach_tc(
+        &mut self,
+        ifname: &str,
+        pin: &str,
+        programs: &[(&'static str, TcAttachType, &'static str)],
+    ) -> Result<()> {
+        for (name, attach_type, direction) in programs {
+            let path = self.link_path(pin, direction);
             let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
             let err = |message: String| BpfError::Attach {
-                ifname: ifname.to_string(),
+                target: ifname.to_string(),
                 direction,
                 message,
             };
@@ -180,7 +297,7 @@ impl Programs {
             let id = prog
                 .attach_with_options(
                     ifname,
-                    attach_type,
+                    *attach_type,
                     TcAttachOptions::TcxOrder(LinkOrder::default()),
                 )
                 .map_err(|e| err(describe(&e)))?;
@@ -193,13 +310,89 @@ impl Programs {
         Ok(())
     }
 
+    fn detach_pins(&mut self, pin: &str, directions: &[&str]) {
+        for direction in directions {
+            let path = self.link_path(pin, direction);
+            match PinnedLink::from_pin(&path) {
+                // Unpinning and dropping the last reference detaches it.
+                Ok(pinned) => drop(pinned.unpin()),
+                Err(_) => {
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
+    }
+
+    /// Attaches both pod programs to a pod's host-side veth.
+    pub fn attach(&mut self, ifname: &str) -> Result<()> {
+        self.attach_tc(ifname, ifname, &POD_PROGRAMS)
+    }
+
     /// Detaches both programs from a pod's veth (if still there) and removes
     /// the pins.
     pub fn detach(&mut self, ifname: &str) -> Result<()> {
-        for (_, _, direction) in ATTACHMENTS {
-            let path = self.link_path(ifname, direction);
+        self.detach_pins(ifname, &["ingress", "egress"]);
+        Ok(())
+    }
+
+    /// Attaches the device programs to one of the node's external devices,
+    /// whose IPv4 address `addr` is the source for SNAT on it.
+    pub fn attach_device(&mut self, ifname: &str, ifindex: u32, addr: Ipv4Addr) -> Result<()> {
+        self.node_addrs
+            .insert(ifindex, be_addr(addr), 0)
+            .map_err(|e| BpfError::Map {
+                name: names::NODE_ADDRS,
+                message: e.to_string(),
+            })?;
+        self.attach_tc(
+            ifname,
+            &format!("{DEVICE_PIN_PREFIX}{ifname}"),
+            &DEVICE_PROGRAMS,
+        )
+    }
+
+    /// Attaches the socket programs to the cgroup v2 hierarchy at `root`:
+    /// new links first, then the previous run's are dropped.
+    pub fn attach_cgroup(&mut self, root: &Path) -> Result<()> {
+        let cgroup = fs::File::open(root).map_err(|source| BpfError::Io {
+            path: root.display().to_string(),
+            source,
+        })?;
+        let old: Vec<PathBuf> = fs::read_dir(&self.links_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(CGROUP_PIN_PREFIX))
+            })
+            .collect();
+        let generation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        for name in SOCK_PROGRAMS {
+            let err = |message: String| BpfError::Attach {
+                target: root.display().to_string(),
+                direction: name,
+                message,
+            };
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+            let id = prog
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(|e| err(describe(&e)))?;
+            let link = prog.take_link(id).map_err(|e| err(describe(&e)))?;
+            let fd_link = FdLink::try_from(link).map_err(|e| err(describe(&e)))?;
+            let path = self
+                .links_dir
+                .join(format!("{CGROUP_PIN_PREFIX}{name}@{generation}"));
+            fd_link
+                .pin(&path)
+                .map_err(|e| err(format!("pinning {}: {}", path.display(), describe(&e))))?;
+        }
+        for path in old {
             match PinnedLink::from_pin(&path) {
-                // Unpinning and dropping the last reference detaches it.
                 Ok(pinned) => drop(pinned.unpin()),
                 Err(_) => {
                     let _ = fs::remove_file(&path);
@@ -209,7 +402,7 @@ impl Programs {
         Ok(())
     }
 
-    /// Host interface names that have pinned links.
+    /// Host interface names of pods that have pinned links.
     pub fn attached_interfaces(&self) -> Vec<String> {
         let mut names: Vec<String> = fs::read_dir(&self.links_dir)
             .into_iter()
@@ -217,6 +410,9 @@ impl Programs {
             .flatten()
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(DEVICE_PIN_PREFIX) || name.starts_with(CGROUP_PIN_PREFIX) {
+                    return None;
+                }
                 name.rsplit_once('@').map(|(ifname, _)| ifname.to_string())
             })
             .collect();
@@ -226,27 +422,20 @@ impl Programs {
     }
 }
 
-/// An error with its chain of causes: aya's syscall errors keep the errno
-/// in their source.
-fn describe(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
-}
-
-fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
     ebpf.program_mut(name)
-        .ok_or(BpfError::Map {
+        .ok_or(BpfError::Program {
             name,
-            message: "program not in the object".into(),
+            message: "not in the object".into(),
         })?
         .try_into()
-        .map_err(|source| BpfError::Program { name, source })
+        .map_err(|e: aya::programs::ProgramError| BpfError::Program {
+            name,
+            message: describe(&e),
+        })
 }
 
 fn take_hash<K: aya::Pod, V: aya::Pod>(
@@ -322,6 +511,14 @@ impl LbMaps for KernelLbMaps {
     fn del_rev_nat(&mut self, id: u16) -> Result<(), SyncError> {
         ignore_missing(self.rev_nat.remove(&id), names::LB4_REVERSE_NAT)
     }
+    fn set_maglev(&mut self, key: Lb4MaglevKey, value: Lb4MaglevBlock) -> Result<(), SyncError> {
+        self.maglev
+            .insert(key, value, 0)
+            .map_err(map_err(names::LB4_MAGLEV))
+    }
+    fn del_maglev(&mut self, key: Lb4MaglevKey) -> Result<(), SyncError> {
+        ignore_missing(self.maglev.remove(&key), names::LB4_MAGLEV)
+    }
     fn services(&self) -> Result<Vec<(Lb4Key, Lb4Service)>, SyncError> {
         self.services
             .iter()
@@ -339,6 +536,12 @@ impl LbMaps for KernelLbMaps {
             .iter()
             .collect::<Result<_, _>>()
             .map_err(map_err(names::LB4_REVERSE_NAT))
+    }
+    fn maglev(&self) -> Result<Vec<(Lb4MaglevKey, Lb4MaglevBlock)>, SyncError> {
+        self.maglev
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(names::LB4_MAGLEV))
     }
 }
 
@@ -363,6 +566,7 @@ impl KernelLbMaps {
             services: open(pin_dir, names::LB4_SERVICES)?,
             backends: open(pin_dir, names::LB4_BACKENDS)?,
             rev_nat: open(pin_dir, names::LB4_REVERSE_NAT)?,
+            maglev: open(pin_dir, names::LB4_MAGLEV)?,
         })
     }
 
@@ -383,6 +587,7 @@ impl KernelLbMaps {
             fill(names::LB4_SERVICES, &self.services),
             fill(names::LB4_BACKENDS, &self.backends),
             fill(names::LB4_REVERSE_NAT, &self.rev_nat),
+            fill(names::LB4_MAGLEV, &self.maglev),
         ]
     }
 }

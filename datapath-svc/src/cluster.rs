@@ -85,11 +85,20 @@ impl ClusterCache {
 /// (namespace, name) of a Service.
 type SvcKey = (String, String);
 
-/// Which frontends each Service owns and which slices belong to it.
+/// What a set of frontends is computed from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Owner {
+    /// A Service's ClusterIP, NodePort, ExternalIP and LoadBalancer frontends.
+    Service(String, String),
+    /// The HostPort frontends of a pod on this node (`namespace/name`).
+    HostPorts(String),
+}
+
+/// Which frontends each owner has and which slices belong to each Service.
 #[derive(Default)]
 pub struct LbController {
     slices: HashMap<SvcKey, BTreeSet<String>>,
-    frontends: HashMap<SvcKey, Vec<Frontend>>,
+    frontends: HashMap<Owner, Vec<Frontend>>,
 }
 
 fn slice_service(r: &Resource) -> Option<SvcKey> {
@@ -103,29 +112,84 @@ fn slice_service(r: &Resource) -> Option<SvcKey> {
 }
 
 impl LbController {
-    fn desired_for(&self, mirror: &Mirror, key: &SvcKey) -> Vec<(Frontend, FrontendSpec)> {
-        let svc_key = ObjKey::new(Kind::Service, &key.0, &key.1);
-        let Some(Resource {
-            kind: Some(resource::Kind::Service(svc)),
-        }) = mirror.get(&svc_key)
-        else {
-            return Vec::new();
-        };
-        let slices: Vec<_> = self
-            .slices
-            .get(key)
-            .into_iter()
-            .flatten()
-            .filter_map(
-                |name| match mirror.get(&ObjKey::new(Kind::EndpointSlice, &key.0, name)) {
+    fn desired_for(
+        &self,
+        agent: &Agent,
+        mirror: &Mirror,
+        owner: &Owner,
+    ) -> Vec<(Frontend, FrontendSpec)> {
+        match owner {
+            Owner::Service(ns, name) => {
+                let Some(Resource {
+                    kind: Some(resource::Kind::Service(svc)),
+                }) = mirror.get(&ObjKey::new(Kind::Service, ns, name))
+                else {
+                    return Vec::new();
+                };
+                let key = (ns.clone(), name.clone());
+                let slices: Vec<_> = self
+                    .slices
+                    .get(&key)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|slice| {
+                        match mirror.get(&ObjKey::new(Kind::EndpointSlice, ns, slice)) {
+                            Some(Resource {
+                                kind: Some(resource::Kind::EndpointSlice(s)),
+                            }) => Some(s),
+                            _ => None,
+                        }
+                    })
+                    .collect();
+                lb::service_frontends(svc, slices.iter().copied(), &agent.config.view)
+            }
+            Owner::HostPorts(pod) => {
+                let (ns, name) = pod.split_once('/').unwrap_or(("", pod));
+                let declared = match mirror.get(&ObjKey::new(Kind::Pod, ns, name)) {
                     Some(Resource {
-                        kind: Some(resource::Kind::EndpointSlice(s)),
-                    }) => Some(s),
-                    _ => None,
-                },
-            )
+                        kind: Some(resource::Kind::Pod(p)),
+                    }) => lb::pod_host_ports(p),
+                    _ => Vec::new(),
+                };
+                let records = agent.endpoints.all().unwrap_or_default();
+                let mut out = Vec::new();
+                for record in records.iter().filter(|r| r.pod() == *pod) {
+                    let Ok(ip) = record.ip.parse() else { continue };
+                    let mapped = record.port_mappings.iter().filter_map(|m| {
+                        let proto = match m.protocol.to_ascii_lowercase().as_str() {
+                            "udp" => lb::Proto::Udp,
+                            _ => lb::Proto::Tcp,
+                        };
+                        Some((
+                            proto,
+                            u16::try_from(m.host_port).ok()?,
+                            u16::try_from(m.container_port).ok()?,
+                            m.host_ip.parse().ok(),
+                        ))
+                    });
+                    let ports: Vec<_> = declared.iter().copied().chain(mapped).collect();
+                    out.extend(lb::hostport_frontends(pod, ip, ports, &agent.config.view));
+                }
+                out
+            }
+        }
+    }
+
+    /// Every owner the current state implies.
+    fn owners(agent: &Agent, mirror: &Mirror) -> BTreeSet<Owner> {
+        let mut owners: BTreeSet<Owner> = mirror
+            .of_kind(Kind::Service)
+            .map(|(k, _)| Owner::Service(k.namespace.clone(), k.name.clone()))
             .collect();
-        lb::service_frontends(svc, slices.iter().copied())
+        owners.extend(
+            agent
+                .endpoints
+                .all()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|r| Owner::HostPorts(r.pod())),
+        );
+        owners
     }
 
     /// Recomputes everything and removes what is not wanted. Used at start
@@ -137,16 +201,14 @@ impl LbController {
                 self.slices.entry(svc).or_default().insert(key.name.clone());
             }
         }
-        let services: Vec<SvcKey> = mirror
-            .of_kind(Kind::Service)
-            .map(|(k, _)| (k.namespace.clone(), k.name.clone()))
-            .collect();
         let mut desired: BTreeMap<Frontend, FrontendSpec> = BTreeMap::new();
         self.frontends.clear();
-        for key in services {
-            let fes = self.desired_for(mirror, &key);
-            self.frontends
-                .insert(key, fes.iter().map(|(f, _)| *f).collect());
+        for owner in Self::owners(agent, mirror) {
+            let fes = self.desired_for(agent, mirror, &owner);
+            if !fes.is_empty() {
+                self.frontends
+                    .insert(owner, fes.iter().map(|(f, _)| *f).collect());
+            }
             desired.extend(fes);
         }
         let mut lb = agent.lb.lock().unwrap_or_else(|p| p.into_inner());
@@ -166,11 +228,11 @@ impl LbController {
         changed: &[ObjKey],
         before: &HashMap<ObjKey, Option<SvcKey>>,
     ) -> anyhow::Result<()> {
-        let mut dirty: BTreeSet<SvcKey> = BTreeSet::new();
+        let mut dirty: BTreeSet<Owner> = BTreeSet::new();
         for key in changed {
             match key.kind {
                 Kind::Service => {
-                    dirty.insert((key.namespace.clone(), key.name.clone()));
+                    dirty.insert(Owner::Service(key.namespace.clone(), key.name.clone()));
                 }
                 Kind::EndpointSlice => {
                     // The slice may have moved between services.
@@ -178,42 +240,56 @@ impl LbController {
                         if let Some(set) = self.slices.get_mut(old) {
                             set.remove(&key.name);
                         }
-                        dirty.insert(old.clone());
+                        dirty.insert(Owner::Service(old.0.clone(), old.1.clone()));
                     }
                     if let Some(new) = mirror.get(key).and_then(slice_service) {
                         self.slices
                             .entry(new.clone())
                             .or_default()
                             .insert(key.name.clone());
-                        dirty.insert(new);
+                        dirty.insert(Owner::Service(new.0, new.1));
                     }
                 }
+                Kind::Pod => {
+                    dirty.insert(Owner::HostPorts(format!("{}/{}", key.namespace, key.name)));
+                }
+                Kind::Node => agent.routes_dirty.notify_one(),
                 _ => {}
             }
         }
+        self.apply_owners(agent, mirror, dirty)
+    }
+
+    /// Recomputes the frontends of `dirty` owners.
+    pub fn apply_owners(
+        &mut self,
+        agent: &Agent,
+        mirror: &Mirror,
+        dirty: BTreeSet<Owner>,
+    ) -> anyhow::Result<()> {
         let mut lb = agent.lb.lock().unwrap_or_else(|p| p.into_inner());
-        for svc in dirty {
-            let fes = self.desired_for(mirror, &svc);
+        for owner in dirty {
+            let fes = self.desired_for(agent, mirror, &owner);
             let new: Vec<Frontend> = fes.iter().map(|(f, _)| *f).collect();
             for (f, spec) in &fes {
                 lb.apply(*f, Some(spec))?;
             }
-            if let Some(old) = self.frontends.get(&svc) {
+            if let Some(old) = self.frontends.get(&owner) {
                 for f in old.iter().filter(|f| !new.contains(f)) {
-                    // Unless another Service claimed the same frontend.
+                    // Unless another owner claimed the same frontend.
                     let claimed = self
                         .frontends
                         .iter()
-                        .any(|(k, v)| *k != svc && v.contains(f));
+                        .any(|(k, v)| *k != owner && v.contains(f));
                     if !claimed {
                         lb.apply(*f, None)?;
                     }
                 }
             }
             if new.is_empty() {
-                self.frontends.remove(&svc);
+                self.frontends.remove(&owner);
             } else {
-                self.frontends.insert(svc, new);
+                self.frontends.insert(owner, new);
             }
         }
         agent.metrics.lb_frontends.set(lb.programmed().len() as i64);
@@ -227,6 +303,7 @@ pub async fn follow(
     cache: ClusterCache,
     mut controller: LbController,
     watcher: Channel,
+    mut hostports: tokio::sync::mpsc::UnboundedReceiver<String>,
     shutdown: CancellationToken,
 ) {
     let mut events = Box::pin(subscribe(
@@ -237,7 +314,23 @@ pub async fn follow(
         Some(agent.peers.watcher.clone()),
     ));
     let mut needs_full_sync = false;
-    while let Some(event) = events.next().await {
+    loop {
+        let event = tokio::select! {
+            e = events.next() => match e {
+                Some(e) => e,
+                None => return,
+            },
+            Some(pod) = hostports.recv() => {
+                let mirror = agent.cluster.read().unwrap_or_else(|p| p.into_inner());
+                let dirty = BTreeSet::from([Owner::HostPorts(pod)]);
+                if let Err(e) = controller.apply_owners(&agent, &mirror, dirty) {
+                    tracing::error!(error = %e, "programming host ports failed");
+                    agent.peers.record_error(&e);
+                    needs_full_sync = true;
+                }
+                continue;
+            }
+        };
         let started = Instant::now();
         let is_synced = matches!(event.event, Some(Event::Synced(_)));
         let result = {
@@ -274,6 +367,9 @@ pub async fn follow(
             };
             if is_synced && let Err(e) = cache.mark_synced() {
                 tracing::warn!(error = %e, "caching the cluster state");
+            }
+            if is_synced {
+                agent.routes_dirty.notify_one();
             }
             // A complete state (a snapshot, or a resume that caught up) is
             // the moment to recompute everything and drop what is not

@@ -13,7 +13,10 @@ use weft_proto::{
     ipam::v1::{self as ipam, allocation_event, ipam_client::IpamClient},
 };
 
-use crate::agent::Agent;
+use weft_common::watch::ObjKey;
+use weft_proto::watcher::v1::{Kind, Resource, resource};
+
+use crate::{agent::Agent, routing};
 
 const NODE_CIDR_KEY: &str = "node_cidr";
 
@@ -41,6 +44,108 @@ async fn pause(backoff: &mut Backoff, shutdown: &CancellationToken) -> bool {
     }
 }
 
+/// Applies one ipam-svc event: every node's CIDR is kept for routing, and
+/// this node's also for pod addresses (and on disk, for the next start).
+async fn apply_allocation(agent: &Agent, event: Option<allocation_event::Event>) {
+    match event {
+        Some(allocation_event::Event::Allocated(a)) => {
+            let cidr = match a.cidr.parse::<ipnet::Ipv4Net>() {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(cidr = %a.cidr, error = %e, "ipam-svc sent an invalid CIDR");
+                    return;
+                }
+            };
+            if a.node == agent.node {
+                if agent.ipam.cidr() != Some(cidr) {
+                    tracing::info!(%cidr, "node pod CIDR");
+                }
+                if let Err(e) = remember_cidr(agent, cidr).await {
+                    tracing::warn!(error = %e, "caching the node CIDR");
+                }
+                agent.ipam.set_cidr(cidr);
+            }
+            agent
+                .allocations
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(a.node, cidr);
+            agent.routes_dirty.notify_one();
+        }
+        Some(allocation_event::Event::Released(node)) => {
+            agent
+                .allocations
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&node);
+            agent.routes_dirty.notify_one();
+        }
+        Some(allocation_event::Event::Synced(_)) | None => {}
+    }
+}
+
+/// Keeps the routes to other nodes' pods in line with the allocations and
+/// the Node objects, whenever either changes.
+pub async fn follow_routes(agent: Arc<Agent>, shutdown: CancellationToken) {
+    let Some(device) = agent.config.devices.first().cloned() else {
+        tracing::warn!("no external device: pods can reach only this node");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = agent.routes_dirty.notified() => {}
+        }
+        // Let a burst of changes settle into one pass.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let peers = peers(&agent);
+        let own = agent.ipam.cidr();
+        if let Err(e) = routing::sync_routes(
+            &agent.netlink,
+            agent.config.routing_mode,
+            &device,
+            own,
+            &peers,
+        )
+        .await
+        {
+            tracing::warn!(error = %e, "syncing routes to other nodes; retrying");
+            agent.peers.record_error(&e);
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            agent.routes_dirty.notify_one();
+        }
+    }
+}
+
+/// Other nodes with a CIDR and a known InternalIP.
+fn peers(agent: &Agent) -> routing::Peers {
+    let allocations = agent
+        .allocations
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let mirror = agent.cluster.read().unwrap_or_else(|p| p.into_inner());
+    allocations
+        .into_iter()
+        .filter(|(node, _)| *node != agent.node)
+        .filter_map(|(node, cidr)| {
+            let Some(Resource {
+                kind: Some(resource::Kind::Node(n)),
+            }) = mirror.get(&ObjKey::new(Kind::Node, "", &node))
+            else {
+                return None;
+            };
+            let ip = n
+                .addresses
+                .iter()
+                .filter(|a| a.r#type == "InternalIP")
+                .chain(n.addresses.iter().filter(|a| a.r#type == "ExternalIP"))
+                .find_map(|a| a.address.parse().ok())?;
+            Some((node, (cidr, ip)))
+        })
+        .collect()
+}
+
 pub async fn follow_ipam(agent: Arc<Agent>, channel: Channel, shutdown: CancellationToken) {
     let mut client = IpamClient::new(channel);
     let mut backoff = Backoff::default();
@@ -61,24 +166,7 @@ pub async fn follow_ipam(agent: Arc<Agent>, channel: Channel, shutdown: Cancella
                     match msg {
                         Ok(Some(ev)) => {
                             backoff.reset();
-                            if let Some(allocation_event::Event::Allocated(a)) = ev.event
-                                && a.node == agent.node
-                            {
-                                match a.cidr.parse::<ipnet::Ipv4Net>() {
-                                    Ok(cidr) => {
-                                        if agent.ipam.cidr() != Some(cidr) {
-                                            tracing::info!(%cidr, "node pod CIDR");
-                                        }
-                                        if let Err(e) = remember_cidr(&agent, cidr).await {
-                                            tracing::warn!(error = %e, "caching the node CIDR");
-                                        }
-                                        agent.ipam.set_cidr(cidr);
-                                    }
-                                    Err(e) => {
-                                        tracing::warn!(cidr = %a.cidr, error = %e, "ipam-svc sent an invalid CIDR")
-                                    }
-                                }
-                            }
+                            apply_allocation(&agent, ev.event).await;
                         }
                         Ok(None) => break,
                         Err(status) => {

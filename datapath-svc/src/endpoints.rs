@@ -4,7 +4,7 @@
 //! can re-attach programs, answer CHECK and carry out DEL.
 
 use weft_common::store::{MsgTree, Store, StoreError};
-use weft_proto::datapath::v1::{CniInterface, CniIp, CniResult, CniRoute};
+use weft_proto::datapath::v1::{CniInterface, CniIp, CniResult, CniRoute, PortMapping};
 
 use crate::podnet::GATEWAY;
 
@@ -33,6 +33,9 @@ pub struct EndpointRecord {
     pub pod_mac: String,
     #[prost(uint32, tag = "11")]
     pub mtu: u32,
+    /// The runtime's portMappings (HostPort), from CNI.
+    #[prost(message, repeated, tag = "12")]
+    pub port_mappings: Vec<PortMapping>,
 }
 
 impl EndpointRecord {

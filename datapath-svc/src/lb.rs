@@ -5,9 +5,66 @@
 
 use std::{collections::BTreeSet, fmt, net::Ipv4Addr};
 
-use weft_proto::watcher::v1::{EndpointSlice, Protocol, Service, ServiceType};
+use weft_proto::watcher::v1::{
+    EndpointSlice, Pod, Protocol, Service, ServiceType, SessionAffinity, TrafficPolicy,
+};
 
-use crate::maps::{IPPROTO_TCP, IPPROTO_UDP, svc_flags};
+use crate::maps::{IPPROTO_TCP, IPPROTO_UDP, algorithm, svc_flags};
+
+/// The Service annotation that picks the backend selection algorithm.
+pub const ALGORITHM_ANNOTATION: &str = "weft.io/lb-algorithm";
+
+/// How a frontend picks a backend for a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum Algorithm {
+    #[default]
+    Random,
+    /// Consistent hashing of the connection's tuple: every node picks the
+    /// same backend for the same flow, and few flows move when backends do.
+    Maglev,
+}
+
+impl Algorithm {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "random" => Some(Algorithm::Random),
+            "maglev" => Some(Algorithm::Maglev),
+            _ => None,
+        }
+    }
+
+    pub fn number(self) -> u8 {
+        match self {
+            Algorithm::Random => algorithm::RANDOM,
+            Algorithm::Maglev => algorithm::MAGLEV,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Self {
+        if n == algorithm::MAGLEV {
+            Algorithm::Maglev
+        } else {
+            Algorithm::Random
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Random => "random",
+            Algorithm::Maglev => "maglev",
+        }
+    }
+}
+
+/// What the frontends depend on about the node computing them.
+#[derive(Debug, Clone)]
+pub struct NodeView {
+    pub name: String,
+    /// The node's own addresses: NodePort and HostPort frontends listen on
+    /// each of them.
+    pub addrs: Vec<Ipv4Addr>,
+    pub default_algorithm: Algorithm,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Proto {
@@ -81,24 +138,32 @@ impl fmt::Display for Backend {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FrontendKind {
     ClusterIp,
+    NodePort,
     ExternalIp,
     LoadBalancer,
+    HostPort,
 }
 
 impl FrontendKind {
     pub fn flags(self) -> u8 {
         match self {
             FrontendKind::ClusterIp => svc_flags::CLUSTER_IP,
+            FrontendKind::NodePort => svc_flags::NODE_PORT,
             FrontendKind::ExternalIp => svc_flags::EXTERNAL_IP,
             FrontendKind::LoadBalancer => svc_flags::LOAD_BALANCER,
+            FrontendKind::HostPort => svc_flags::HOST_PORT,
         }
     }
 
     pub fn from_flags(flags: u8) -> Self {
-        if flags & svc_flags::EXTERNAL_IP != 0 {
+        if flags & svc_flags::NODE_PORT != 0 {
+            FrontendKind::NodePort
+        } else if flags & svc_flags::EXTERNAL_IP != 0 {
             FrontendKind::ExternalIp
         } else if flags & svc_flags::LOAD_BALANCER != 0 {
             FrontendKind::LoadBalancer
+        } else if flags & svc_flags::HOST_PORT != 0 {
+            FrontendKind::HostPort
         } else {
             FrontendKind::ClusterIp
         }
@@ -107,9 +172,17 @@ impl FrontendKind {
     pub fn name(self) -> &'static str {
         match self {
             FrontendKind::ClusterIp => "ClusterIP",
+            FrontendKind::NodePort => "NodePort",
             FrontendKind::ExternalIp => "ExternalIP",
             FrontendKind::LoadBalancer => "LoadBalancer",
+            FrontendKind::HostPort => "HostPort",
         }
+    }
+
+    /// Whether the frontend serves traffic from outside the cluster, and so
+    /// follows externalTrafficPolicy rather than internalTrafficPolicy.
+    pub fn external(self) -> bool {
+        !matches!(self, FrontendKind::ClusterIp)
     }
 }
 
@@ -120,6 +193,8 @@ pub struct BackendSpec {
     /// Terminating backends keep their existing connections but get no new
     /// ones (unless nothing else is left, as kube-proxy does).
     pub terminating: bool,
+    /// The backend runs on this node: traffic from outside needs no SNAT.
+    pub local: bool,
 }
 
 /// Everything the maps hold for one frontend.
@@ -130,6 +205,9 @@ pub struct FrontendSpec {
     pub kind: FrontendKind,
     /// Sorted, without duplicates.
     pub backends: Vec<BackendSpec>,
+    pub algorithm: Algorithm,
+    /// ClientIP session affinity: how long a client sticks to its backend.
+    pub affinity_timeout: Option<u32>,
 }
 
 impl FrontendSpec {
@@ -144,10 +222,12 @@ impl FrontendSpec {
     }
 }
 
-/// The frontends of one Service, given the EndpointSlices that belong to it.
+/// The frontends of one Service on the node `node`, given the
+/// EndpointSlices that belong to it.
 pub fn service_frontends<'a>(
     svc: &Service,
     slices: impl IntoIterator<Item = &'a EndpointSlice> + Clone,
+    node: &NodeView,
 ) -> Vec<(Frontend, FrontendSpec)> {
     let Some(meta) = svc.meta.as_ref() else {
         return Vec::new();
@@ -156,35 +236,137 @@ pub fn service_frontends<'a>(
         return Vec::new();
     }
     let name = format!("{}/{}", meta.namespace, meta.name);
+    let algorithm = meta
+        .annotations
+        .get(ALGORITHM_ANNOTATION)
+        .and_then(|a| Algorithm::parse(a))
+        .unwrap_or(node.default_algorithm);
+    let affinity_timeout = (svc.session_affinity() == SessionAffinity::ClientIp).then(|| {
+        if svc.session_affinity_timeout_seconds == 0 {
+            10800
+        } else {
+            svc.session_affinity_timeout_seconds
+        }
+    });
     let addresses = frontend_addresses(svc);
     let mut out = Vec::new();
     for port in &svc.ports {
         let Some(proto) = Proto::from_proto(port.protocol()) else {
             continue;
         };
-        let Ok(number) = u16::try_from(port.port) else {
-            continue;
-        };
-        if number == 0 {
-            continue;
-        }
-        let backends = port_backends(&port.name, proto, slices.clone());
-        for (addr, kind) in &addresses {
+        let all = port_backends(&port.name, proto, slices.clone(), &node.name);
+        let local_only: Vec<BackendSpec> = all.iter().filter(|b| b.local).copied().collect();
+        let mut push = |addr: Ipv4Addr, number: u32, kind: FrontendKind| {
+            let Ok(number) = u16::try_from(number) else {
+                return;
+            };
+            if number == 0 {
+                return;
+            }
+            let policy = if kind.external() {
+                svc.external_traffic_policy()
+            } else {
+                svc.internal_traffic_policy()
+            };
+            let backends = if policy == TrafficPolicy::Local {
+                local_only.clone()
+            } else {
+                all.clone()
+            };
             out.push((
                 Frontend {
-                    addr: *addr,
+                    addr,
                     port: number,
                     proto,
                 },
                 FrontendSpec {
                     service: name.clone(),
-                    kind: *kind,
+                    kind,
+                    backends,
+                    algorithm,
+                    affinity_timeout,
+                },
+            ));
+        };
+        for (addr, kind) in &addresses {
+            push(*addr, port.port, *kind);
+        }
+        let has_node_ports = matches!(
+            svc.r#type(),
+            ServiceType::NodePort | ServiceType::LoadBalancer
+        );
+        if has_node_ports && port.node_port != 0 {
+            for addr in &node.addrs {
+                push(*addr, port.node_port, FrontendKind::NodePort);
+            }
+        }
+    }
+    out
+}
+
+/// The HostPort frontends of a pod on this node: each container port with a
+/// hostPort, on the given host address or every node address. `extra` adds
+/// the runtime's portMappings (from CNI).
+pub fn hostport_frontends(
+    pod_name: &str,
+    pod_ip: Ipv4Addr,
+    ports: impl IntoIterator<Item = (Proto, u16, u16, Option<Ipv4Addr>)>,
+    node: &NodeView,
+) -> Vec<(Frontend, FrontendSpec)> {
+    let mut out = Vec::new();
+    for (proto, host_port, container_port, host_ip) in ports {
+        if host_port == 0 || container_port == 0 {
+            continue;
+        }
+        let backends = vec![BackendSpec {
+            backend: Backend {
+                addr: pod_ip,
+                port: container_port,
+                proto,
+            },
+            terminating: false,
+            local: true,
+        }];
+        let addrs: Vec<Ipv4Addr> = match host_ip {
+            Some(ip) if !ip.is_unspecified() => vec![ip],
+            _ => node.addrs.clone(),
+        };
+        for addr in addrs {
+            out.push((
+                Frontend {
+                    addr,
+                    port: host_port,
+                    proto,
+                },
+                FrontendSpec {
+                    service: format!("hostport:{pod_name}"),
+                    kind: FrontendKind::HostPort,
                     backends: backends.clone(),
+                    algorithm: Algorithm::Random,
+                    affinity_timeout: None,
                 },
             ));
         }
     }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out.dedup_by(|a, b| a.0 == b.0);
     out
+}
+
+/// The host ports a Pod object declares: (protocol, host port, container
+/// port, host IP).
+pub fn pod_host_ports(pod: &Pod) -> Vec<(Proto, u16, u16, Option<Ipv4Addr>)> {
+    pod.container_ports
+        .iter()
+        .filter_map(|p| {
+            Some((
+                Proto::from_proto(p.protocol())?,
+                u16::try_from(p.host_port).ok()?,
+                u16::try_from(p.container_port).ok()?,
+                p.host_ip.parse().ok(),
+            ))
+        })
+        .collect()
 }
 
 fn frontend_addresses(svc: &Service) -> Vec<(Ipv4Addr, FrontendKind)> {
@@ -222,6 +404,7 @@ fn port_backends<'a>(
     port_name: &str,
     proto: Proto,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    node_name: &str,
 ) -> Vec<BackendSpec> {
     let mut out = BTreeSet::new();
     for slice in slices {
@@ -249,6 +432,7 @@ fn port_backends<'a>(
             } else {
                 continue;
             };
+            let local = !ep.node_name.is_empty() && ep.node_name == node_name;
             for addr in ep
                 .addresses
                 .iter()
@@ -261,6 +445,7 @@ fn port_backends<'a>(
                         proto,
                     },
                     terminating,
+                    local,
                 });
             }
         }
@@ -279,7 +464,15 @@ fn port_backends<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weft_proto::watcher::v1::{Endpoint, EndpointPort, ObjectMeta, ServicePort};
+    use weft_proto::watcher::v1::{ContainerPort, Endpoint, EndpointPort, ObjectMeta, ServicePort};
+
+    fn node() -> NodeView {
+        NodeView {
+            name: "n1".into(),
+            addrs: vec![Ipv4Addr::new(172, 31, 0, 11)],
+            default_algorithm: Algorithm::Random,
+        }
+    }
 
     fn svc(ips: &[&str], ports: &[(&str, Protocol, u32)]) -> Service {
         Service {
@@ -304,17 +497,22 @@ mod tests {
         }
     }
 
-    fn slice(eps: &[(&str, bool, bool, bool)], ports: &[(&str, Protocol, u32)]) -> EndpointSlice {
+    /// Endpoints as (address, ready, serving, terminating, node).
+    fn slice(
+        eps: &[(&str, bool, bool, bool, &str)],
+        ports: &[(&str, Protocol, u32)],
+    ) -> EndpointSlice {
         EndpointSlice {
             service_name: "web".into(),
             address_type: "IPv4".into(),
             endpoints: eps
                 .iter()
-                .map(|(a, ready, serving, terminating)| Endpoint {
+                .map(|(a, ready, serving, terminating, node)| Endpoint {
                     addresses: vec![a.to_string()],
                     ready: *ready,
                     serving: *serving,
                     terminating: *terminating,
+                    node_name: node.to_string(),
                     ..Default::default()
                 })
                 .collect(),
@@ -338,18 +536,23 @@ mod tests {
         );
         let sl = slice(
             &[
-                ("10.244.0.5", true, true, false),
-                ("10.244.0.6", true, true, false),
+                ("10.244.0.5", true, true, false, "n1"),
+                ("10.244.0.6", true, true, false, "n2"),
             ],
             &[("http", Protocol::Tcp, 8080), ("dns", Protocol::Udp, 5353)],
         );
-        let fe = service_frontends(&s, [&sl]);
+        let fe = service_frontends(&s, [&sl], &node());
         assert_eq!(fe.len(), 2);
         let (f, spec) = &fe[0];
         assert_eq!(f.to_string(), "10.96.0.10:80/TCP");
         assert_eq!(spec.service, "default/web");
         assert_eq!(spec.backends.len(), 2);
         assert!(spec.backends.iter().all(|b| b.backend.port == 8080));
+        assert_eq!(
+            spec.backends.iter().filter(|b| b.local).count(),
+            1,
+            "locality comes from nodeName"
+        );
         assert!(
             fe[1]
                 .1
@@ -364,13 +567,13 @@ mod tests {
         let s = svc(&["10.96.0.10"], &[("", Protocol::Tcp, 80)]);
         let sl = slice(
             &[
-                ("10.244.0.5", true, true, false),
-                ("10.244.0.6", false, true, true),
-                ("10.244.0.7", false, false, false),
+                ("10.244.0.5", true, true, false, "n1"),
+                ("10.244.0.6", false, true, true, "n1"),
+                ("10.244.0.7", false, false, false, "n1"),
             ],
             &[("", Protocol::Tcp, 8080)],
         );
-        let (_, spec) = &service_frontends(&s, [&sl])[0];
+        let (_, spec) = &service_frontends(&s, [&sl], &node())[0];
         assert_eq!(
             spec.backends.len(),
             2,
@@ -380,38 +583,140 @@ mod tests {
         assert_eq!(sel, vec!["10.244.0.5"]);
 
         let only_terminating = slice(
-            &[("10.244.0.6", false, true, true)],
+            &[("10.244.0.6", false, true, true, "n1")],
             &[("", Protocol::Tcp, 8080)],
         );
-        let (_, spec) = &service_frontends(&s, [&only_terminating])[0];
+        let (_, spec) = &service_frontends(&s, [&only_terminating], &node())[0];
         assert_eq!(spec.selectable().count(), 1);
     }
 
     #[test]
     fn headless_and_sctp_get_no_frontend() {
         let headless = svc(&[], &[("", Protocol::Tcp, 80)]);
-        assert!(service_frontends(&headless, []).is_empty());
+        assert!(service_frontends(&headless, [], &node()).is_empty());
         let sctp = svc(&["10.96.0.10"], &[("", Protocol::Sctp, 80)]);
-        assert!(service_frontends(&sctp, []).is_empty());
+        assert!(service_frontends(&sctp, [], &node()).is_empty());
     }
 
     #[test]
-    fn external_and_load_balancer_addresses_are_frontends_too() {
+    fn every_address_of_a_load_balancer_service_is_a_frontend() {
         let mut s = svc(&["10.96.0.10"], &[("", Protocol::Tcp, 80)]);
         s.external_ips = vec!["192.0.2.10".into()];
         s.load_balancer_ips = vec!["198.51.100.7".into()];
         s.r#type = ServiceType::LoadBalancer as i32;
-        let kinds: Vec<_> = service_frontends(&s, [])
+        s.ports[0].node_port = 30080;
+        let kinds: Vec<_> = service_frontends(&s, [], &node())
             .into_iter()
-            .map(|(f, s)| (f.addr.to_string(), s.kind))
+            .map(|(f, s)| (f.to_string(), s.kind))
             .collect();
         assert_eq!(
             kinds,
             vec![
-                ("10.96.0.10".into(), FrontendKind::ClusterIp),
-                ("192.0.2.10".into(), FrontendKind::ExternalIp),
-                ("198.51.100.7".into(), FrontendKind::LoadBalancer),
+                ("10.96.0.10:80/TCP".into(), FrontendKind::ClusterIp),
+                ("192.0.2.10:80/TCP".into(), FrontendKind::ExternalIp),
+                ("198.51.100.7:80/TCP".into(), FrontendKind::LoadBalancer),
+                ("172.31.0.11:30080/TCP".into(), FrontendKind::NodePort),
             ]
         );
+    }
+
+    #[test]
+    fn local_traffic_policies_keep_only_this_nodes_backends() {
+        let mut s = svc(&["10.96.0.10"], &[("", Protocol::Tcp, 80)]);
+        s.r#type = ServiceType::NodePort as i32;
+        s.ports[0].node_port = 30080;
+        s.external_traffic_policy = TrafficPolicy::Local as i32;
+        let sl = slice(
+            &[
+                ("10.244.0.5", true, true, false, "n1"),
+                ("10.244.1.5", true, true, false, "n2"),
+            ],
+            &[("", Protocol::Tcp, 80)],
+        );
+        let fe = service_frontends(&s, [&sl], &node());
+        let cluster_ip = &fe
+            .iter()
+            .find(|(_, s)| s.kind == FrontendKind::ClusterIp)
+            .expect("ClusterIP")
+            .1;
+        let node_port = &fe
+            .iter()
+            .find(|(_, s)| s.kind == FrontendKind::NodePort)
+            .expect("NodePort")
+            .1;
+        assert_eq!(
+            cluster_ip.backends.len(),
+            2,
+            "internal traffic policy is Cluster"
+        );
+        assert_eq!(
+            node_port.backends.len(),
+            1,
+            "external traffic policy is Local"
+        );
+        assert!(node_port.backends[0].local);
+
+        s.internal_traffic_policy = TrafficPolicy::Local as i32;
+        let fe = service_frontends(&s, [&sl], &node());
+        assert!(fe.iter().all(|(_, spec)| spec.backends.len() == 1));
+    }
+
+    #[test]
+    fn algorithm_and_affinity_follow_the_service() {
+        let mut s = svc(&["10.96.0.10"], &[("", Protocol::Tcp, 80)]);
+        let (_, spec) = &service_frontends(&s, [], &node())[0];
+        assert_eq!(
+            (spec.algorithm, spec.affinity_timeout),
+            (Algorithm::Random, None)
+        );
+        if let Some(m) = s.meta.as_mut() {
+            m.annotations
+                .insert(ALGORITHM_ANNOTATION.into(), "maglev".into());
+        }
+        s.session_affinity = SessionAffinity::ClientIp as i32;
+        let (_, spec) = &service_frontends(&s, [], &node())[0];
+        assert_eq!(
+            (spec.algorithm, spec.affinity_timeout),
+            (Algorithm::Maglev, Some(10800))
+        );
+        s.session_affinity_timeout_seconds = 30;
+        let (_, spec) = &service_frontends(&s, [], &node())[0];
+        assert_eq!(spec.affinity_timeout, Some(30));
+    }
+
+    #[test]
+    fn host_ports_listen_on_every_node_address_unless_one_is_named() {
+        let pod = Pod {
+            container_ports: vec![
+                ContainerPort {
+                    name: "web".into(),
+                    protocol: Protocol::Tcp as i32,
+                    container_port: 8080,
+                    host_port: 8081,
+                    host_ip: String::new(),
+                },
+                ContainerPort {
+                    name: "none".into(),
+                    protocol: Protocol::Tcp as i32,
+                    container_port: 9090,
+                    host_port: 0,
+                    host_ip: String::new(),
+                },
+            ],
+            ..Default::default()
+        };
+        let fe = hostport_frontends(
+            "default/p",
+            Ipv4Addr::new(10, 244, 0, 9),
+            pod_host_ports(&pod),
+            &node(),
+        );
+        assert_eq!(fe.len(), 1);
+        assert_eq!(fe[0].0.to_string(), "172.31.0.11:8081/TCP");
+        assert_eq!(
+            fe[0].1.backends[0].backend.to_string(),
+            "10.244.0.9:8080/TCP"
+        );
+        assert_eq!(fe[0].1.kind, FrontendKind::HostPort);
     }
 }

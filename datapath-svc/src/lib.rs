@@ -15,10 +15,12 @@ pub mod cni;
 pub mod control;
 pub mod endpoints;
 pub mod lb;
+pub mod maglev;
 pub mod maps;
 pub mod metrics;
 pub mod podipam;
 pub mod podnet;
+pub mod routing;
 pub mod sync;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
@@ -74,12 +76,80 @@ pub struct Args {
     #[arg(long, env = "WEFT_IDENTITY", default_value = "http://127.0.0.1:9402")]
     pub identity: String,
 
-    /// MTU of pod interfaces.
-    #[arg(long, env = "WEFT_MTU", default_value_t = 1500, value_parser = clap::value_parser!(u32).range(576..=65535))]
+    /// Where the CNI plugin queues DELs while this agent is down; drained at
+    /// start. Must match the plugin's `delQueueDir`.
+    #[arg(
+        long,
+        env = "WEFT_CNI_DEL_QUEUE_DIR",
+        default_value = "/var/run/weft/cni-del-queue"
+    )]
+    pub cni_del_queue_dir: PathBuf,
+
+    /// MTU of pod interfaces; 0 derives it from the external device (less
+    /// the VXLAN overhead in tunnel mode).
+    #[arg(long, env = "WEFT_MTU", default_value_t = 0, value_parser = mtu)]
     pub mtu: u32,
+
+    /// How pods reach pods on other nodes: routes to each node (`native`)
+    /// or a VXLAN overlay (`tunnel`).
+    #[arg(long, env = "WEFT_ROUTING_MODE", value_enum, default_value = "native")]
+    pub routing_mode: routing::RoutingMode,
+
+    /// The node's external devices (comma-separated); empty picks every
+    /// interface that is up and has an IPv4 address.
+    #[arg(long, env = "WEFT_DEVICES", value_delimiter = ',', default_value = "")]
+    pub devices: Vec<String>,
+
+    /// The cluster's pod CIDR (all nodes' pod CIDRs together): pod traffic
+    /// to anywhere outside it is masqueraded.
+    #[arg(
+        long,
+        env = "WEFT_CLUSTER_POOL_IPV4_CIDR",
+        default_value = "10.244.0.0/16"
+    )]
+    pub cluster_pool_ipv4_cidr: ipnet::Ipv4Net,
+
+    /// Masquerade pod traffic leaving the cluster to the node's address, in eBPF.
+    #[arg(long, env = "WEFT_ENABLE_MASQUERADE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enable_masquerade: bool,
+
+    /// Default backend selection for Services without the
+    /// `weft.io/lb-algorithm` annotation.
+    #[arg(long, env = "WEFT_LB_ALGORITHM", default_value = "random", value_parser = ["random", "maglev"])]
+    pub lb_algorithm: String,
+
+    /// Maglev lookup table size: a prime; the same on every node.
+    #[arg(long, env = "WEFT_MAGLEV_TABLE_SIZE", default_value_t = 16381, value_parser = maglev_size)]
+    pub maglev_table_size: u32,
+
+    /// Maglev hash seed: the same on every node.
+    #[arg(long, env = "WEFT_MAGLEV_HASH_SEED", default_value_t = 0)]
+    pub maglev_hash_seed: u32,
+
+    /// Serve Services to the node's own processes at the socket layer.
+    #[arg(long, env = "WEFT_SOCKET_LB", default_value_t = true, action = clap::ArgAction::Set)]
+    pub socket_lb: bool,
+
+    /// The cgroup v2 hierarchy the socket programs attach to; empty finds it.
+    #[arg(long, env = "WEFT_CGROUP_ROOT", default_value = "")]
+    pub cgroup_root: String,
 
     #[command(flatten)]
     pub common: CommonArgs,
+}
+
+fn mtu(s: &str) -> Result<u32, String> {
+    let v: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    if v == 0 || (576..=65535).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not 0 or within 576..=65535"))
+    }
+}
+
+fn maglev_size(s: &str) -> Result<u32, String> {
+    let v: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    maglev::validate_table_size(v).map(|()| v)
 }
 
 impl Args {
@@ -115,8 +185,36 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     podnet::enable_forwarding().context("enabling IPv4 forwarding")?;
     bpf::ensure_bpffs(&args.bpf_root)?;
+    let netlink = podnet::connect()?;
+    let devices = routing::discover_devices(&netlink, &args.devices).await?;
     let pin_dir = args.pin_dir();
-    let (programs, kernel_maps, counters) = Programs::load(&pin_dir)?;
+    let maglev_cfg = sync::MaglevConfig {
+        m: args.maglev_table_size,
+        seed: args.maglev_hash_seed,
+    };
+    let load = bpf::LoadConfig {
+        netns_cookie: bpf::netns_cookie().context("reading the network namespace cookie")?,
+        cluster_cidr: Some(args.cluster_pool_ipv4_cidr),
+        masquerade: args.enable_masquerade,
+        maglev: maglev_cfg,
+    };
+    let (mut programs, kernel_maps, counters) = Programs::load(&pin_dir, &load)?;
+    for d in &devices {
+        programs.attach_device(&d.name, d.index, d.addr)?;
+    }
+    if args.socket_lb {
+        let root = if args.cgroup_root.is_empty() {
+            bpf::cgroup2_root()
+        } else {
+            Some(PathBuf::from(&args.cgroup_root))
+        };
+        match root {
+            Some(root) => programs.attach_cgroup(&root)?,
+            None => tracing::warn!(
+                "no cgroup v2 hierarchy: Services are not reachable from the node's own processes"
+            ),
+        }
+    }
     let counters = Arc::new(counters);
 
     let store = Store::open(&args.state_dir)?;
@@ -124,16 +222,35 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let endpoints = Endpoints::open(&store)?;
     let cache = ClusterCache::open(&store)?;
     let mirror = cache.load()?;
-    let lb = LbSync::restore(kernel_maps)?;
-    let netlink = podnet::connect()?;
+    let lb = LbSync::restore(kernel_maps, maglev_cfg)?;
+    let identity = weft_proto::identity::v1::identity_client::IdentityClient::new(lazy_channel(
+        &args.identity,
+    )?);
 
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::Metrics::register(&mut registry, counters.clone());
 
-    let agent = Arc::new(Agent::new(AgentParts {
-        node: args.node.clone(),
-        mtu: args.mtu,
+    let device_mtu = devices.first().map(|d| d.mtu).unwrap_or(1500);
+    let mtu = match (args.mtu, args.routing_mode) {
+        (0, routing::RoutingMode::Tunnel) => device_mtu.saturating_sub(routing::VXLAN_OVERHEAD),
+        (0, routing::RoutingMode::Native) => device_mtu,
+        (m, _) => m,
+    };
+    let config = agent::NodeConfig {
+        name: args.node.clone(),
+        mtu,
         pin_dir: pin_dir.clone(),
+        routing_mode: args.routing_mode,
+        view: lb::NodeView {
+            name: args.node.clone(),
+            addrs: devices.iter().map(|d| d.addr).collect(),
+            default_algorithm: lb::Algorithm::parse(&args.lb_algorithm).unwrap_or_default(),
+        },
+        devices,
+    };
+    let (hostports_tx, hostports_rx) = tokio::sync::mpsc::unbounded_channel();
+    let agent = Arc::new(Agent::new(AgentParts {
+        config,
         store,
         ipam,
         endpoints,
@@ -143,9 +260,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         netlink,
         cluster: mirror,
         metrics,
+        identity,
+        hostports_dirty: hostports_tx,
     }));
 
     let restored = agent.restore_endpoints().await?;
+    agent.drain_del_queue(&args.cni_del_queue_dir).await;
     let mut controller = LbController::default();
     {
         let mirror = agent
@@ -173,8 +293,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             cache,
             controller,
             watcher,
+            hostports_rx,
             token.clone(),
         )),
+        tokio::spawn(control::follow_routes(agent.clone(), token.clone())),
         tokio::spawn(control::follow_ipam(
             agent.clone(),
             ipam_channel,

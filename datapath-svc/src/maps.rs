@@ -15,7 +15,31 @@ pub mod names {
     pub const CT4_SERVICES: &str = "weft_ct4_services";
     pub const CT4_REVERSE: &str = "weft_ct4_reverse";
     pub const METRICS: &str = "weft_metrics";
+    pub const LB4_MAGLEV: &str = "weft_lb4_maglev";
+    pub const LB4_AFFINITY: &str = "weft_lb4_affinity";
+    pub const MASQ4: &str = "weft_masq4";
+    pub const SOCK4_REVNAT: &str = "weft_sock4_revnat";
+    pub const NODE_ADDRS: &str = "weft_node_addrs";
 }
+
+/// Globals the programs read, set at load time.
+pub mod globals {
+    pub const NETNS_COOKIE: &str = "CFG_NETNS_COOKIE";
+    pub const CLUSTER_NET: &str = "CFG_CLUSTER_NET";
+    pub const CLUSTER_MASK: &str = "CFG_CLUSTER_MASK";
+    pub const MAGLEV_M: &str = "CFG_MAGLEV_M";
+    pub const MASQUERADE: &str = "CFG_MASQUERADE";
+    pub const HASH_SEED: &str = "CFG_HASH_SEED";
+}
+
+/// `lb4_service.algorithm`
+pub mod algorithm {
+    pub const RANDOM: u8 = 0;
+    pub const MAGLEV: u8 = 1;
+}
+
+/// Backend ids per Maglev map entry (`MAGLEV_BLOCK`).
+pub const MAGLEV_BLOCK: usize = 32;
 
 /// `lb4_service.flags`
 pub mod svc_flags {
@@ -24,11 +48,13 @@ pub mod svc_flags {
     pub const EXTERNAL_IP: u8 = 1 << 2;
     pub const LOAD_BALANCER: u8 = 1 << 3;
     pub const HOST_PORT: u8 = 1 << 4;
+    pub const AFFINITY: u8 = 1 << 5;
 }
 
 /// `lb4_backend.flags`
 pub mod backend_flags {
     pub const TERMINATING: u8 = 1 << 0;
+    pub const LOCAL: u8 = 1 << 1;
 }
 
 pub const IPPROTO_TCP: u8 = 6;
@@ -54,6 +80,7 @@ pub struct Lb4Service {
     pub flags: u8,
     pub algorithm: u8,
     pub pad: u16,
+    pub affinity_timeout: u32,
 }
 
 #[repr(C)]
@@ -94,6 +121,56 @@ pub struct Ct4Entry {
     pub rev_nat_index: u16,
     pub flags: u8,
     pub pad: [u8; 3],
+    pub nat_addr: u32,
+    pub nat_port: u16,
+    pub pad2: u16,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Lb4MaglevKey {
+    pub rev_nat_index: u16,
+    pub pad: u16,
+    pub block: u32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lb4MaglevBlock {
+    pub backend_ids: [u32; MAGLEV_BLOCK],
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Lb4AffinityKey {
+    pub client: u32,
+    pub rev_nat_index: u16,
+    pub pad: u16,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Lb4Affinity {
+    pub last_used: u64,
+    pub backend_id: u32,
+    pub pad: u32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Sock4RevnatKey {
+    pub cookie: u64,
+    pub address: u32,
+    pub port: u16,
+    pub pad: u16,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Sock4Revnat {
+    pub address: u32,
+    pub port: u16,
+    pub rev_nat_index: u16,
 }
 
 #[repr(C)]
@@ -113,6 +190,12 @@ unsafe impl aya::Pod for Lb4ReverseNat {}
 unsafe impl aya::Pod for Ct4Key {}
 unsafe impl aya::Pod for Ct4Entry {}
 unsafe impl aya::Pod for MetricsValue {}
+unsafe impl aya::Pod for Lb4MaglevKey {}
+unsafe impl aya::Pod for Lb4MaglevBlock {}
+unsafe impl aya::Pod for Lb4AffinityKey {}
+unsafe impl aya::Pod for Lb4Affinity {}
+unsafe impl aya::Pod for Sock4RevnatKey {}
+unsafe impl aya::Pod for Sock4Revnat {}
 
 /// Packet outcomes counted in `weft_metrics`; mirrors `enum weft_reason`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,16 +207,24 @@ pub enum Reason {
     NoBackend = 3,
     Malformed = 4,
     CsumError = 5,
+    Masqueraded = 6,
+    NatExhausted = 7,
+    FibFailed = 8,
+    SockTranslated = 9,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 6] = [
+    pub const ALL: [Reason; 10] = [
         Reason::Passed,
         Reason::LbTranslated,
         Reason::LbReversed,
         Reason::NoBackend,
         Reason::Malformed,
         Reason::CsumError,
+        Reason::Masqueraded,
+        Reason::NatExhausted,
+        Reason::FibFailed,
+        Reason::SockTranslated,
     ];
 
     pub fn label(self) -> &'static str {
@@ -144,6 +235,10 @@ impl Reason {
             Reason::NoBackend => "no_backend",
             Reason::Malformed => "malformed",
             Reason::CsumError => "csum_error",
+            Reason::Masqueraded => "masqueraded",
+            Reason::NatExhausted => "nat_exhausted",
+            Reason::FibFailed => "fib_failed",
+            Reason::SockTranslated => "sock_translated",
         }
     }
 }
@@ -190,7 +285,8 @@ mod tests {
                 count,
                 rev_nat_index,
                 flags,
-                algorithm
+                algorithm,
+                affinity_timeout
             ),
             "lb4_backend" => layout!(Lb4Backend, address, port, proto, flags),
             "lb4_reverse_nat" => layout!(Lb4ReverseNat, address, port),
@@ -202,8 +298,16 @@ mod tests {
                 address,
                 port,
                 rev_nat_index,
-                flags
+                flags,
+                nat_addr,
+                nat_port
             ),
+            "lb4_maglev_key" => layout!(Lb4MaglevKey, rev_nat_index, block),
+            "lb4_maglev_block" => layout!(Lb4MaglevBlock, backend_ids),
+            "lb4_affinity_key" => layout!(Lb4AffinityKey, client, rev_nat_index),
+            "lb4_affinity" => layout!(Lb4Affinity, last_used, backend_id),
+            "sock4_revnat_key" => layout!(Sock4RevnatKey, cookie, address, port),
+            "sock4_revnat" => layout!(Sock4Revnat, address, port, rev_nat_index),
             "metrics_value" => layout!(MetricsValue, packets, bytes),
             other => panic!("no Rust mirror for C struct {other}"),
         }

@@ -10,10 +10,11 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::{
-    lb::{Backend, Frontend, FrontendKind, FrontendSpec, Proto},
+    lb::{Algorithm, Backend, Frontend, FrontendKind, FrontendSpec, Proto},
+    maglev,
     maps::{
-        Lb4Backend, Lb4Key, Lb4ReverseNat, Lb4Service, addr_from_be, backend_flags, be_addr,
-        be_port, port_from_be,
+        Lb4Backend, Lb4Key, Lb4MaglevBlock, Lb4MaglevKey, Lb4ReverseNat, Lb4Service, MAGLEV_BLOCK,
+        addr_from_be, backend_flags, be_addr, be_port, port_from_be, svc_flags,
     },
 };
 
@@ -36,9 +37,26 @@ pub trait LbMaps {
     fn del_backend(&mut self, id: u32) -> Result<()>;
     fn set_rev_nat(&mut self, id: u16, value: Lb4ReverseNat) -> Result<()>;
     fn del_rev_nat(&mut self, id: u16) -> Result<()>;
+    fn set_maglev(&mut self, key: Lb4MaglevKey, value: Lb4MaglevBlock) -> Result<()>;
+    fn del_maglev(&mut self, key: Lb4MaglevKey) -> Result<()>;
     fn services(&self) -> Result<Vec<(Lb4Key, Lb4Service)>>;
     fn backends(&self) -> Result<Vec<(u32, Lb4Backend)>>;
     fn rev_nats(&self) -> Result<Vec<(u16, Lb4ReverseNat)>>;
+    fn maglev(&self) -> Result<Vec<(Lb4MaglevKey, Lb4MaglevBlock)>>;
+}
+
+/// How Maglev tables are built; the same on every node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaglevConfig {
+    /// The table size, a prime.
+    pub m: u32,
+    pub seed: u32,
+}
+
+impl Default for MaglevConfig {
+    fn default() -> Self {
+        Self { m: 16381, seed: 0 }
+    }
 }
 
 /// What is programmed for one frontend.
@@ -46,8 +64,8 @@ pub trait LbMaps {
 pub struct Programmed {
     pub rev_nat: u16,
     pub kind: FrontendKind,
-    /// The master entry's count.
-    pub count: u16,
+    /// The master entry as written (count, flags, algorithm, affinity).
+    pub master: Lb4Service,
     /// Backend ids in slot order (slot 1 first); 0 marks a missing slot.
     /// May run past `count` when restored from an interrupted update.
     pub slots: Vec<u32>,
@@ -56,6 +74,19 @@ pub struct Programmed {
     /// The Service the frontend belongs to; empty when restored from the
     /// maps and not yet confirmed by the desired state.
     pub service: String,
+    /// The Maglev table as written; empty when the frontend has none (or it
+    /// was restored from the maps, and will be rewritten).
+    pub maglev: Vec<u32>,
+}
+
+impl Programmed {
+    pub fn algorithm(&self) -> Algorithm {
+        Algorithm::from_number(self.master.algorithm)
+    }
+
+    pub fn affinity_timeout(&self) -> Option<u32> {
+        (self.master.flags & svc_flags::AFFINITY != 0).then_some(self.master.affinity_timeout)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -67,6 +98,7 @@ struct BackendEntry {
 
 pub struct LbSync<M> {
     maps: M,
+    maglev: MaglevConfig,
     frontends: BTreeMap<Frontend, Programmed>,
     backends: HashMap<Backend, BackendEntry>,
     backend_ids: HashMap<u32, Backend>,
@@ -87,8 +119,9 @@ fn master_key(f: &Frontend, slot: u16) -> Lb4Key {
 
 impl<M: LbMaps> LbSync<M> {
     /// Adopts whatever the maps hold now.
-    pub fn restore(maps: M) -> Result<Self> {
+    pub fn restore(maps: M, maglev: MaglevConfig) -> Result<Self> {
         let mut s = Self {
+            maglev,
             frontends: BTreeMap::new(),
             backends: HashMap::new(),
             backend_ids: HashMap::new(),
@@ -133,10 +166,11 @@ impl<M: LbMaps> LbSync<M> {
                     Programmed {
                         rev_nat: value.rev_nat_index,
                         kind: FrontendKind::from_flags(value.flags),
-                        count: value.count,
+                        master: value,
                         slots: Vec::new(),
                         backends: Vec::new(),
                         service: String::new(),
+                        maglev: Vec::new(),
                     },
                 );
                 s.rev_nat_ids.insert(value.rev_nat_index, f);
@@ -177,6 +211,27 @@ impl<M: LbMaps> LbSync<M> {
         for (id, _) in s.maps.rev_nats()? {
             if !s.rev_nat_ids.contains_key(&id) {
                 s.maps.del_rev_nat(id)?;
+            }
+        }
+        // Maglev tables: adopted where they belong to a Maglev frontend (so
+        // the next update writes only what differs), removed where the
+        // frontend is gone, uses Maglev no more, or the table size changed.
+        let blocks = s.maglev_blocks();
+        let m = s.maglev.m as usize;
+        for (key, value) in s.maps.maglev()? {
+            let owner = s
+                .rev_nat_ids
+                .get(&key.rev_nat_index)
+                .and_then(|f| s.frontends.get_mut(f))
+                .filter(|p| p.algorithm() == Algorithm::Maglev && key.block < blocks);
+            match owner {
+                Some(p) => {
+                    p.maglev.resize(m, 0);
+                    let start = key.block as usize * MAGLEV_BLOCK;
+                    let end = (start + MAGLEV_BLOCK).min(m);
+                    p.maglev[start..end].copy_from_slice(&value.backend_ids[..end - start]);
+                }
+                None => s.maps.del_maglev(key)?,
             }
         }
         Ok(s)
@@ -232,11 +287,13 @@ impl<M: LbMaps> LbSync<M> {
     fn program(&mut self, f: Frontend, spec: &FrontendSpec) -> Result<()> {
         // 1. Every backend exists, with its current state.
         for b in &spec.backends {
-            let flags = if b.terminating {
-                backend_flags::TERMINATING
-            } else {
-                0
-            };
+            let mut flags = 0;
+            if b.terminating {
+                flags |= backend_flags::TERMINATING;
+            }
+            if b.local {
+                flags |= backend_flags::LOCAL;
+            }
             self.ensure_backend(b.backend, flags)?;
         }
         // 2. The reverse-NAT entry.
@@ -256,7 +313,10 @@ impl<M: LbMaps> LbSync<M> {
                 id
             }
         };
-        let flags = spec.kind.flags();
+        let mut flags = spec.kind.flags();
+        if spec.affinity_timeout.is_some() {
+            flags |= svc_flags::AFFINITY;
+        }
         let new_slots: Vec<u32> = spec
             .selectable()
             .filter_map(|b| self.backends.get(b).map(|e| e.id))
@@ -273,32 +333,59 @@ impl<M: LbMaps> LbSync<M> {
                 let value = Lb4Service {
                     backend_id: *id,
                     rev_nat_index: rev_nat,
-                    flags,
                     ..Default::default()
                 };
                 self.maps.set_service(master_key(&f, i as u16 + 1), value)?;
             }
         }
-        // 4. The master entry, which makes the new slots visible.
-        let master_changed = match &old {
-            Some(p) => p.count != count || p.kind != spec.kind,
-            None => true,
+        // 4. The Maglev table, before the master entry points lookups at it.
+        let old_table = old.as_ref().map(|p| p.maglev.as_slice()).unwrap_or(&[]);
+        let table = match spec.algorithm {
+            Algorithm::Maglev => {
+                let named: Vec<(String, u32)> = spec
+                    .selectable()
+                    .filter_map(|b| {
+                        self.backends
+                            .get(b)
+                            .map(|e| (format!("{}:{}", b.addr, b.port), e.id))
+                    })
+                    .collect();
+                let table = maglev::table(&named, self.maglev.m, self.maglev.seed);
+                if table.is_empty() && !old_table.is_empty() {
+                    // No backend left: lookups fall through to "no backend".
+                    self.delete_maglev(rev_nat)?;
+                }
+                self.write_maglev(rev_nat, old_table, &table)?;
+                table
+            }
+            Algorithm::Random => {
+                if old
+                    .as_ref()
+                    .is_some_and(|p| p.algorithm() == Algorithm::Maglev)
+                {
+                    self.delete_maglev(rev_nat)?;
+                }
+                Vec::new()
+            }
         };
-        if master_changed {
-            let value = Lb4Service {
-                backend_id: 0,
-                count,
-                rev_nat_index: rev_nat,
-                flags,
-                ..Default::default()
-            };
-            self.maps.set_service(master_key(&f, 0), value)?;
+        // 5. The master entry, which makes the new slots visible.
+        let master = Lb4Service {
+            backend_id: 0,
+            count,
+            rev_nat_index: rev_nat,
+            flags,
+            algorithm: spec.algorithm.number(),
+            pad: 0,
+            affinity_timeout: spec.affinity_timeout.unwrap_or(0),
+        };
+        if old.as_ref().map(|p| p.master) != Some(master) {
+            self.maps.set_service(master_key(&f, 0), master)?;
         }
-        // 5. Slots past the new count.
+        // 6. Slots past the new count.
         for slot in new_slots.len()..old_slots.len() {
             self.maps.del_service(master_key(&f, slot as u16 + 1))?;
         }
-        // 6. References: take the new ones, drop the old ones.
+        // 7. References: take the new ones, drop the old ones.
         let new_backends: Vec<Backend> = spec.backends.iter().map(|b| b.backend).collect();
         for b in &new_backends {
             if let Some(e) = self.backends.get_mut(b) {
@@ -310,10 +397,11 @@ impl<M: LbMaps> LbSync<M> {
             Programmed {
                 rev_nat,
                 kind: spec.kind,
-                count,
+                master,
                 slots: new_slots,
                 backends: new_backends,
                 service: spec.service.clone(),
+                maglev: table,
             },
         );
         if let Some(old) = old {
@@ -330,10 +418,49 @@ impl<M: LbMaps> LbSync<M> {
         for slot in 1..=p.slots.len() {
             self.maps.del_service(master_key(&f, slot as u16))?;
         }
+        if p.algorithm() == Algorithm::Maglev {
+            self.delete_maglev(p.rev_nat)?;
+        }
         self.maps.del_rev_nat(p.rev_nat)?;
         self.rev_nat_ids.remove(&p.rev_nat);
         self.frontends.remove(&f);
         self.release(&p.backends)
+    }
+
+    fn maglev_blocks(&self) -> u32 {
+        self.maglev.m.div_ceil(MAGLEV_BLOCK as u32)
+    }
+
+    /// Writes the blocks of a Maglev table that differ from `old`.
+    fn write_maglev(&mut self, rev_nat: u16, old: &[u32], table: &[u32]) -> Result<()> {
+        for (block, chunk) in table.chunks(MAGLEV_BLOCK).enumerate() {
+            let start = block * MAGLEV_BLOCK;
+            if old.get(start..start + chunk.len()) == Some(chunk) {
+                continue;
+            }
+            let mut value = Lb4MaglevBlock {
+                backend_ids: [0; MAGLEV_BLOCK],
+            };
+            value.backend_ids[..chunk.len()].copy_from_slice(chunk);
+            let key = Lb4MaglevKey {
+                rev_nat_index: rev_nat,
+                pad: 0,
+                block: block as u32,
+            };
+            self.maps.set_maglev(key, value)?;
+        }
+        Ok(())
+    }
+
+    fn delete_maglev(&mut self, rev_nat: u16) -> Result<()> {
+        for block in 0..self.maglev_blocks() {
+            self.maps.del_maglev(Lb4MaglevKey {
+                rev_nat_index: rev_nat,
+                pad: 0,
+                block,
+            })?;
+        }
+        Ok(())
     }
 
     fn release(&mut self, backends: &[Backend]) -> Result<()> {
@@ -417,6 +544,7 @@ pub struct MemMaps {
     pub services: BTreeMap<Lb4Key, Lb4Service>,
     pub backends: BTreeMap<u32, Lb4Backend>,
     pub rev_nats: BTreeMap<u16, Lb4ReverseNat>,
+    pub maglev: BTreeMap<Lb4MaglevKey, Lb4MaglevBlock>,
 }
 
 impl LbMaps for MemMaps {
@@ -444,6 +572,17 @@ impl LbMaps for MemMaps {
         self.rev_nats.remove(&id);
         Ok(())
     }
+    fn set_maglev(&mut self, key: Lb4MaglevKey, value: Lb4MaglevBlock) -> Result<()> {
+        self.maglev.insert(key, value);
+        Ok(())
+    }
+    fn del_maglev(&mut self, key: Lb4MaglevKey) -> Result<()> {
+        self.maglev.remove(&key);
+        Ok(())
+    }
+    fn maglev(&self) -> Result<Vec<(Lb4MaglevKey, Lb4MaglevBlock)>> {
+        Ok(self.maglev.iter().map(|(k, v)| (*k, *v)).collect())
+    }
     fn services(&self) -> Result<Vec<(Lb4Key, Lb4Service)>> {
         Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
     }
@@ -461,6 +600,7 @@ impl LbMaps for MemMaps {
 pub fn verify<M: LbMaps>(
     maps: &M,
     desired: &BTreeMap<Frontend, FrontendSpec>,
+    maglev_config: MaglevConfig,
 ) -> Result<(), String> {
     let services: BTreeMap<Lb4Key, Lb4Service> = maps
         .services()
@@ -477,7 +617,13 @@ pub fn verify<M: LbMaps>(
         .map_err(|e| e.to_string())?
         .into_iter()
         .collect();
+    let tables: BTreeMap<Lb4MaglevKey, Lb4MaglevBlock> = maps
+        .maglev()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .collect();
     let mut expected_entries = 0;
+    let mut expected_blocks = 0;
     for (f, spec) in desired {
         let master = services
             .get(&master_key(f, 0))
@@ -517,12 +663,61 @@ pub fn verify<M: LbMaps>(
         if got != want {
             return Err(format!("{f}: backends {got:?}, want {want:?}"));
         }
+        if master.algorithm != spec.algorithm.number()
+            || master.affinity_timeout != spec.affinity_timeout.unwrap_or(0)
+            || (master.flags & svc_flags::AFFINITY != 0) != spec.affinity_timeout.is_some()
+        {
+            return Err(format!(
+                "{f}: master entry {master:?} does not match {spec:?}"
+            ));
+        }
+        if spec.algorithm == Algorithm::Maglev {
+            let named: Vec<(String, u32)> = (1..=master.count)
+                .filter_map(|slot| services.get(&master_key(f, slot)))
+                .filter_map(|s| {
+                    let b = backends.get(&s.backend_id)?;
+                    Some((
+                        format!("{}:{}", addr_from_be(b.address), port_from_be(b.port)),
+                        s.backend_id,
+                    ))
+                })
+                .collect();
+            let want = maglev::table(&named, maglev_config.m, maglev_config.seed);
+            let blocks = if want.is_empty() {
+                0
+            } else {
+                maglev_config.m.div_ceil(MAGLEV_BLOCK as u32)
+            };
+            let mut got = Vec::with_capacity(maglev_config.m as usize);
+            for block in 0..blocks {
+                let key = Lb4MaglevKey {
+                    rev_nat_index: master.rev_nat_index,
+                    pad: 0,
+                    block,
+                };
+                let b = tables
+                    .get(&key)
+                    .ok_or(format!("{f}: Maglev block {block} missing"))?;
+                got.extend_from_slice(&b.backend_ids);
+            }
+            got.truncate(maglev_config.m as usize);
+            if got != want {
+                return Err(format!("{f}: the Maglev table differs from the backends"));
+            }
+            expected_blocks += blocks as usize;
+        }
         expected_entries += 1 + master.count as usize;
     }
     if services.len() != expected_entries {
         return Err(format!(
             "{} service entries, want {expected_entries}",
             services.len()
+        ));
+    }
+    if tables.len() != expected_blocks {
+        return Err(format!(
+            "{} Maglev blocks, want {expected_blocks}",
+            tables.len()
         ));
     }
     if rev_nats.len() != desired.len() {
@@ -553,6 +748,8 @@ mod tests {
     use proptest::prelude::*;
     use std::net::Ipv4Addr;
 
+    const CFG: MaglevConfig = MaglevConfig { m: 251, seed: 9 };
+
     fn fe(i: u8) -> Frontend {
         Frontend {
             addr: Ipv4Addr::new(10, 96, 0, i),
@@ -561,7 +758,11 @@ mod tests {
         }
     }
 
-    fn spec(backends: &[(u8, bool)]) -> FrontendSpec {
+    fn spec_with(
+        backends: &[(u8, bool)],
+        algorithm: Algorithm,
+        affinity: Option<u32>,
+    ) -> FrontendSpec {
         FrontendSpec {
             service: "default/web".into(),
             kind: FrontendKind::ClusterIp,
@@ -574,14 +775,25 @@ mod tests {
                         proto: Proto::Tcp,
                     },
                     terminating: *t,
+                    local: i % 2 == 0,
                 })
                 .collect(),
+            algorithm,
+            affinity_timeout: affinity,
         }
+    }
+
+    fn spec(backends: &[(u8, bool)]) -> FrontendSpec {
+        spec_with(backends, Algorithm::Random, None)
+    }
+
+    fn fresh() -> LbSync<MemMaps> {
+        LbSync::restore(MemMaps::default(), CFG).expect("restore")
     }
 
     #[test]
     fn shrinking_removes_slots_and_unused_backends() {
-        let mut s = LbSync::restore(MemMaps::default()).expect("restore");
+        let mut s = fresh();
         s.apply(fe(1), Some(&spec(&[(1, false), (2, false), (3, false)])))
             .expect("apply");
         assert_eq!(s.maps().services.len(), 4);
@@ -594,26 +806,67 @@ mod tests {
 
     #[test]
     fn terminating_backends_stay_but_are_not_selectable() {
-        let mut s = LbSync::restore(MemMaps::default()).expect("restore");
+        let mut s = fresh();
         let d = spec(&[(1, false), (2, true)]);
         s.apply(fe(1), Some(&d)).expect("apply");
         assert_eq!(s.maps().backends.len(), 2);
         let master = s.maps().services[&master_key(&fe(1), 0)];
         assert_eq!(master.count, 1);
-        let desired = BTreeMap::from([(fe(1), d)]);
-        verify(s.maps(), &desired).expect("maps match");
+        verify(s.maps(), &BTreeMap::from([(fe(1), d)]), CFG).expect("maps match");
+    }
+
+    #[test]
+    fn maglev_frontends_get_a_table_and_lose_it_with_the_algorithm() {
+        let mut s = fresh();
+        let d = spec_with(
+            &[(1, false), (2, false), (3, false)],
+            Algorithm::Maglev,
+            Some(60),
+        );
+        s.apply(fe(1), Some(&d)).expect("apply");
+        assert_eq!(s.maps().maglev.len(), 251usize.div_ceil(MAGLEV_BLOCK));
+        verify(s.maps(), &BTreeMap::from([(fe(1), d)]), CFG).expect("maps match");
+        let local = s
+            .maps()
+            .backends
+            .values()
+            .filter(|b| b.flags & backend_flags::LOCAL != 0)
+            .count();
+        assert_eq!(local, 1, "the locality of each backend is written");
+        let d = spec(&[(1, false)]);
+        s.apply(fe(1), Some(&d)).expect("apply");
+        assert!(s.maps().maglev.is_empty());
+        verify(s.maps(), &BTreeMap::from([(fe(1), d)]), CFG).expect("maps match");
     }
 
     #[test]
     fn a_restart_adopts_the_maps_without_rewriting_them() {
-        let mut s = LbSync::restore(MemMaps::default()).expect("restore");
+        let mut s = fresh();
         let d = spec(&[(1, false), (2, false)]);
         s.apply(fe(1), Some(&d)).expect("apply");
         let before = s.maps().clone();
-        let mut again = LbSync::restore(before.clone()).expect("restore");
+        let mut again = LbSync::restore(before.clone(), CFG).expect("restore");
         again.apply(fe(1), Some(&d)).expect("apply");
         again.retain(|f| *f == fe(1)).expect("retain");
         assert_eq!(again.maps(), &before, "same desired state, same maps");
+    }
+
+    fn arb_spec() -> impl Strategy<Value = FrontendSpec> {
+        (
+            proptest::collection::vec((1u8..12, any::<bool>()), 0..6),
+            any::<bool>(),
+            proptest::option::of(1u32..100),
+        )
+            .prop_map(|(mut bs, maglev, affinity)| {
+                bs.sort();
+                bs.dedup_by_key(|b| b.0);
+                let alg = if maglev {
+                    Algorithm::Maglev
+                } else {
+                    Algorithm::Random
+                };
+                spec_with(&bs, alg, affinity)
+            })
     }
 
     proptest! {
@@ -622,29 +875,22 @@ mod tests {
         #[test]
         fn maps_always_end_equal_to_the_desired_state(
             steps in proptest::collection::vec(
-                (proptest::collection::btree_map(1u8..6, proptest::collection::vec((1u8..12, any::<bool>()), 0..6), 0..5), any::<bool>()),
+                (proptest::collection::btree_map(1u8..6, arb_spec(), 0..5), any::<bool>()),
                 1..8,
             )
         ) {
-            let mut s = LbSync::restore(MemMaps::default()).expect("restore");
+            let mut s = fresh();
             for (state, restart) in steps {
                 if restart {
-                    s = LbSync::restore(s.maps().clone()).expect("restore");
+                    s = LbSync::restore(s.maps().clone(), CFG).expect("restore");
                 }
-                let desired: BTreeMap<Frontend, FrontendSpec> = state
-                    .iter()
-                    .map(|(f, bs)| {
-                        let mut bs = bs.clone();
-                        bs.sort();
-                        bs.dedup_by_key(|b| b.0);
-                        (fe(*f), spec(&bs))
-                    })
-                    .collect();
+                let desired: BTreeMap<Frontend, FrontendSpec> =
+                    state.into_iter().map(|(f, spec)| (fe(f), spec)).collect();
                 for (f, d) in &desired {
                     s.apply(*f, Some(d)).expect("apply");
                 }
                 s.retain(|f| desired.contains_key(f)).expect("retain");
-                prop_assert_eq!(verify(s.maps(), &desired), Ok(()));
+                prop_assert_eq!(verify(s.maps(), &desired, CFG), Ok(()));
             }
         }
     }

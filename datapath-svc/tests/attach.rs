@@ -51,7 +51,8 @@ fn programs_attach_through_pinned_links_and_a_reload_replaces_them() {
 
     let dir = pin_dir.clone();
     let first = weft_common::netns::run_in(&netns_path, move || {
-        let (mut progs, _maps, _counters) = Programs::load(&dir)?;
+        let (mut progs, _maps, _counters) =
+            Programs::load(&dir, &datapath_svc::bpf::LoadConfig::default())?;
         progs.attach("wfttest0")?;
         Ok((attached("wfttest0", false), attached("wfttest0", true)))
     })
@@ -72,7 +73,8 @@ fn programs_attach_through_pinned_links_and_a_reload_replaces_them() {
     let dir = pin_dir.clone();
     let (still, after) = weft_common::netns::run_in(&netns_path, move || {
         let still = (attached("wfttest0", false), attached("wfttest0", true));
-        let (mut progs, _maps, _counters) = Programs::load(&dir)?;
+        let (mut progs, _maps, _counters) =
+            Programs::load(&dir, &datapath_svc::bpf::LoadConfig::default())?;
         progs.attach("wfttest0")?;
         Ok((
             still,
@@ -90,7 +92,8 @@ fn programs_attach_through_pinned_links_and_a_reload_replaces_them() {
     let dir = pin_dir.clone();
     let (kept, detached) = weft_common::netns::run_in(&netns_path, move || {
         let kept = (attached("wfttest0", false), attached("wfttest0", true));
-        let (mut progs, _maps, _counters) = Programs::load(&dir)?;
+        let (mut progs, _maps, _counters) =
+            Programs::load(&dir, &datapath_svc::bpf::LoadConfig::default())?;
         assert_eq!(progs.attached_interfaces(), vec!["wfttest0".to_string()]);
         progs.detach("wfttest0")?;
         Ok((

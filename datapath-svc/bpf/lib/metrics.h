@@ -6,12 +6,16 @@
 
 /* Keep in sync with `maps::Reason` in datapath-svc/src/maps.rs. */
 enum weft_reason {
-	REASON_PASSED = 0,        /* not ours: handed on untouched */
-	REASON_LB_TRANSLATED = 1, /* a service frontend rewritten to a backend */
-	REASON_LB_REVERSED = 2,   /* a reply rewritten back to the frontend */
-	REASON_NO_BACKEND = 3,    /* dropped: the service has no backend */
-	REASON_MALFORMED = 4,     /* dropped: headers truncated or invalid */
-	REASON_CSUM_ERROR = 5,    /* dropped: a rewrite helper failed */
+	REASON_PASSED = 0,         /* not ours: handed on untouched */
+	REASON_LB_TRANSLATED = 1,  /* a service frontend rewritten to a backend */
+	REASON_LB_REVERSED = 2,    /* a reply rewritten back to the frontend */
+	REASON_NO_BACKEND = 3,     /* dropped: the service has no backend */
+	REASON_MALFORMED = 4,      /* headers truncated or invalid */
+	REASON_CSUM_ERROR = 5,     /* dropped: a rewrite helper failed */
+	REASON_MASQUERADED = 6,    /* pod traffic leaving the cluster, SNATed */
+	REASON_NAT_EXHAUSTED = 7,  /* dropped: no free SNAT port */
+	REASON_FIB_FAILED = 8,     /* dropped: no route for a redirected packet */
+	REASON_SOCK_TRANSLATED = 9, /* a node socket's service address rewritten */
 	REASON_MAX = 16,
 };
 
@@ -29,14 +33,19 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weft_metrics SEC(".maps");
 
-static __always_inline void count(struct __sk_buff *skb, __u32 reason)
+static __always_inline void count_len(__u32 len, __u32 reason)
 {
 	struct metrics_value *v = bpf_map_lookup_elem(&weft_metrics, &reason);
 
 	if (v) {
 		v->packets++;
-		v->bytes += skb->len;
+		v->bytes += len;
 	}
+}
+
+static __always_inline void count(struct __sk_buff *skb, __u32 reason)
+{
+	count_len(skb->len, reason);
 }
 #endif
 

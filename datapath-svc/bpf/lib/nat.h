@@ -1,4 +1,5 @@
-/* Address and port rewrites with incremental checksum updates.
+/* Address and port rewrites with incremental checksum updates, and sending
+ * a rewritten packet on without the kernel's input routing.
  *
  * Each rewrite updates the L4 checksum (the address is part of the
  * pseudo-header, hence BPF_F_PSEUDO_HDR), stores the new port and address,
@@ -14,6 +15,10 @@
 #define IP_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
 #define IP_SRC_OFF (ETH_HLEN + offsetof(struct iphdr, saddr))
 #define IP_DST_OFF (ETH_HLEN + offsetof(struct iphdr, daddr))
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
 
 static __always_inline int l4_csum_off(__u32 l4_off, __u8 proto, __u64 *flags)
 {
@@ -52,6 +57,25 @@ static __always_inline int nat_rewrite(struct __sk_buff *skb, __u32 l4_off, __u8
 			return -1;
 	}
 	return 0;
+}
+
+/* Sends a packet whose source became one of the node's own addresses out
+ * by the route to its destination. The kernel's input path would drop it as
+ * a martian (a packet from outside claiming a local source), so it must not
+ * take that path. Returns a tc verdict. */
+static __always_inline int redirect_by_route(struct __sk_buff *skb, __be32 saddr, __be32 daddr)
+{
+	struct bpf_fib_lookup fib = {
+		.family = AF_INET,
+		.ipv4_src = saddr,
+		.ipv4_dst = daddr,
+		.ifindex = skb->ingress_ifindex,
+	};
+	int rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return bpf_redirect_neigh(fib.ifindex, NULL, 0, 0);
+	return -1;
 }
 
 #endif

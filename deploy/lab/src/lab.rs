@@ -58,6 +58,12 @@ pub struct LabConfig {
     pub mask_size: u8,
     pub service_cidr: ipnet::Ipv4Net,
     pub log_level: String,
+    /// OTLP/gRPC collector (`http://127.0.0.1:4317`) that every service
+    /// and the CNI plugin send their spans to. The services run in the
+    /// control-plane and node namespaces and the plugin in the lab's own, so
+    /// the address must answer in each (a collector on 127.0.0.1 in every
+    /// namespace, for instance).
+    pub otlp_endpoint: Option<String>,
 }
 
 impl LabConfig {
@@ -72,6 +78,7 @@ impl LabConfig {
             service_cidr: ipnet::Ipv4Net::new(Ipv4Addr::new(10, 96, 0, 0), 16)
                 .expect("a valid prefix"),
             log_level: "info".into(),
+            otlp_endpoint: None,
         }
     }
 }
@@ -264,13 +271,20 @@ impl Lab {
         Ok(())
     }
 
-    fn spec(&self, name: &str, netns: String, bin: &str, args: Vec<String>) -> ProcSpec {
+    fn spec(&self, name: &str, netns: String, bin: &str, mut args: Vec<String>) -> ProcSpec {
+        let mut env = vec![("RUST_BACKTRACE".into(), "1".into())];
+        if let Some(endpoint) = &self.cfg.otlp_endpoint {
+            args.push(format!("--otlp-endpoint={endpoint}"));
+            // Export within a fraction of a second (the default waits 5 s),
+            // so a trace is complete by the time someone looks.
+            env.push(("OTEL_BSP_SCHEDULE_DELAY".into(), "200".into()));
+        }
         ProcSpec {
             name: name.to_string(),
             netns,
             bin: self.bin(bin),
             args,
-            env: vec![("RUST_BACKTRACE".into(), "1".into())],
+            env,
             log: self
                 .log_dir()
                 .join(format!("{}.log", name.replace('/', "-"))),
@@ -333,6 +347,10 @@ impl Lab {
                 format!("--node={node}"),
                 format!("--listen=0.0.0.0:{DATAPATH_PORT}"),
                 format!("--cni-socket={}", self.cni_socket(node).display()),
+                format!(
+                    "--cni-del-queue-dir={}",
+                    self.node_dir(node).join("cni-del-queue").display()
+                ),
                 format!("--state-dir={}", state.display()),
                 format!("--watcher=http://{CP_ADDR}:{WATCHER_PORT}"),
                 format!("--ipam=http://{CP_ADDR}:{IPAM_PORT}"),
@@ -776,6 +794,7 @@ impl Lab {
             "type": "weft-cni",
             "socketPath": self.cni_socket(node),
             "delQueueDir": self.node_dir(node).join("cni-del-queue"),
+            "otlpEndpoint": self.cfg.otlp_endpoint,
         });
         let mut child = tokio::process::Command::new(self.bin("weft-cni"))
             .env_clear()
