@@ -220,15 +220,21 @@ static __always_inline int masquerade(struct __sk_buff *skb, const struct tuple4
 	__u64 now;
 	int port;
 
-	if (!CFG_MASQUERADE || !in_cluster(t->saddr) || in_cluster(t->daddr))
+		if (!CFG_MASQUERADE || !in_cluster(t->saddr) || in_cluster(t->daddr))
 		return NOT_OURS;
+	
 	dev_addr = bpf_map_lookup_elem(&weft_node_addrs, &ifindex);
 	if (!dev_addr)
 		return NOT_OURS;
 	nat_addr = *dev_addr;
 	now = bpf_ktime_get_ns();
 
-	e = ct_lookup(&weft_masq4, t, now);
+		e = ct_lookup(&weft_masq4, t, now);
+	if (!e) {
+		ct_key_of(&key, t);
+		if (bpf_map_lookup_elem(&weft_ct4_inbound, &key))
+			return NOT_OURS; /* a reply to a connection from outside */
+	}
 	if (e) {
 		nat_port = e->nat_port;
 		rkey.saddr = t->daddr;
@@ -303,6 +309,31 @@ pass:
 	return WEFT_PASS;
 }
 
+/* Remembers a connection from outside the cluster to this pod, so its
+ * replies leave unmasqueraded. */
+static __always_inline void track_inbound(const struct tuple4 *t)
+{
+	struct ct4_key key = {
+		.saddr = t->daddr,
+		.daddr = t->saddr,
+		.sport = t->dport,
+		.dport = t->sport,
+		.proto = t->proto,
+	};
+	__u64 now = bpf_ktime_get_ns();
+
+		if (!CFG_MASQUERADE || in_cluster(t->saddr))
+		return;
+	/* A TCP connection from outside starts with a SYN; anything else
+	 * arriving is part of a connection the pod started. */
+	if (t->proto == IPPROTO_TCP && !opens(t))
+		return;
+	/* A UDP reply to the pod's own (masqueraded) flow. */
+	if (bpf_map_lookup_elem(&weft_masq4, &key))
+		return;
+	bpf_map_update_elem(&weft_ct4_inbound, &key, &now, BPF_ANY);
+}
+
 SEC("classifier/to_container")
 int to_container(struct __sk_buff *skb)
 {
@@ -310,6 +341,7 @@ int to_container(struct __sk_buff *skb)
 
 	PARSE_OR_PASS(skb, &t);
 	TRY(lb4_reverse(skb, &t, 0));
+	track_inbound(&t);
 pass:
 	count(skb, REASON_PASSED);
 	return WEFT_PASS;

@@ -449,6 +449,8 @@ impl Agent {
             owner: format!("pod:{}/{}", record.pod_namespace, record.pod_name),
         });
         request.set_timeout(std::time::Duration::from_secs(1));
+        // identity-svc's span joins the trace of the CNI ADD this is part of.
+        weft_common::trace::inject_into(&mut request);
         let mut client = self.identity.clone();
         match tokio::time::timeout(std::time::Duration::from_secs(1), client.allocate(request))
             .await

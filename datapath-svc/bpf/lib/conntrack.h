@@ -75,6 +75,17 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weft_masq4 SEC(".maps");
 
+/* Connections from outside the cluster to a local pod, keyed by the tuple
+ * of the pod's replies (value: last seen). Those replies are not the pod's
+ * own traffic leaving the cluster and must not be masqueraded. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct ct4_key);
+	__type(value, __u64);
+	__uint(max_entries, CT_MAP_SIZE);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_ct4_inbound SEC(".maps");
+
 static __always_inline int ct_expired(const struct ct4_entry *e, __u8 proto, __u64 now)
 {
 	__u64 lifetime;

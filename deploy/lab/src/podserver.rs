@@ -1,8 +1,8 @@
 //! The small server every lab pod runs, and the client side of it.
 //!
 //! TCP: the client sends one line; `who` is answered with the pod's name and
-//! the peer address it saw, `bytes N` with N bytes of data, `echo` by echoing
-//! everything until the client closes. UDP: every datagram is answered with
+//! the peer address it saw, `bytes N` with the pod's name on a line and then
+//! N bytes of data, `echo` by echoing everything until the client closes. UDP: every datagram is answered with
 //! the pod's name and the peer address.
 
 use std::{
@@ -53,7 +53,8 @@ async fn handle(
     let mut line = String::new();
     reader.read_line(&mut line).await?;
     let line = line.trim();
-    if let Some(n) = line.strip_prefix("bytes ") {
+        if let Some(n) = line.strip_prefix("bytes ") {
+        reader.get_mut().write_all(format!("{name}\n").as_bytes()).await?;
         let mut left: u64 = n.parse().unwrap_or(0);
         let chunk = vec![b'x'; 64 * 1024];
         while left > 0 {
@@ -120,21 +121,70 @@ pub fn udp_who(addr: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
         .to_string())
 }
 
-/// Downloads `bytes N` over TCP and returns how many bytes arrived.
-pub fn tcp_download(addr: SocketAddr, n: u64, timeout: Duration) -> anyhow::Result<u64> {
+/// Opens a `bytes N` download over TCP; the returned stream has read the
+/// serving pod's name line and the data follows.
+pub fn tcp_download_start(addr: SocketAddr, n: u64, timeout: Duration) -> anyhow::Result<(String, BufReader<TcpStream>)> {
     let mut s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.write_all(format!("bytes {n}\n").as_bytes())?;
+    let mut reader = BufReader::new(s);
+    let mut name = String::new();
+    reader.read_line(&mut name)?;
+    Ok((name.trim().to_string(), reader))
+}
+
+/// Reads the rest of a download, at most `chunk` bytes per `pause`;
+/// returns how many bytes arrived.
+pub fn tcp_download_finish(mut reader: BufReader<TcpStream>, chunk: usize, pause: Duration) -> anyhow::Result<u64> {
     let mut total = 0u64;
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; chunk.max(1)];
     loop {
-        let k = s.read(&mut buf)?;
+        let k = reader.read(&mut buf)?;
         if k == 0 {
             break;
         }
         total += k as u64;
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
+        }
     }
     Ok(total)
+}
+
+/// One `who` request from a fixed source port, so the same flow can be
+/// replayed later (for consistent hashing).
+pub fn tcp_who_from(local_port: u16, addr: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
+    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrIn, sockopt};
+    let SocketAddr::V4(dst) = addr else { bail!("IPv4 only") };
+    let fd = socket::socket(AddressFamily::Inet, SockType::Stream, SockFlag::empty(), None)?;
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    socket::bind(raw, &SockaddrIn::new(0, 0, 0, 0, local_port)).with_context(|| format!("binding source port {local_port}"))?;
+    socket::connect(raw, &SockaddrIn::from(dst)).with_context(|| format!("connecting to {addr} from port {local_port}"))?;
+    let mut s = TcpStream::from(fd);
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(b"who\n")?;
+    let mut reply = String::new();
+    BufReader::new(&mut s).read_line(&mut reply)?;
+    let name = reply.split_whitespace().next().unwrap_or_default().to_string();
+    if name.is_empty() {
+        bail!("empty reply from {addr}");
+    }
+    Ok(name)
+}
+
+/// A `who` request answered with the pod's name and the source address the
+/// pod saw (to tell whether the client's address was preserved).
+pub fn tcp_who_peer(addr: SocketAddr, timeout: Duration) -> anyhow::Result<(String, SocketAddr)> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(b"who\n")?;
+    let mut reply = String::new();
+    BufReader::new(&mut s).read_line(&mut reply)?;
+    let mut parts = reply.split_whitespace();
+    let name = parts.next().unwrap_or_default().to_string();
+    let peer = parts.next().unwrap_or_default().parse().with_context(|| format!("reply {reply:?}"))?;
+    Ok((name, peer))
 }
 
 /// Runs `f` inside the pod's network namespace and returns its result.
