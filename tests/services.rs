@@ -13,7 +13,10 @@ use std::{
 use weft_e2e::{TestLab, eventually};
 use weft_lab::{
     net::netns_path,
-    podserver::{in_pod, tcp_download_finish, tcp_download_start, tcp_who, tcp_who_from, tcp_who_peer, udp_who},
+    podserver::{
+        in_pod, tcp_download_finish, tcp_download_start, tcp_who, tcp_who_from, tcp_who_peer,
+        udp_who,
+    },
 };
 use weft_proto::datapath::v1::{ListServicesRequest, datapath_client::DatapathClient};
 
@@ -21,9 +24,16 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A pod running the lab server, pinned to a node when one is given.
 fn pod(name: &str, labels: &[(&str, &str)], node: Option<&str>, host_port: Option<u16>) -> String {
-    let labels: String = labels.iter().map(|(k, v)| format!("    {k}: {v}\n")).collect();
-    let node = node.map(|n| format!("  nodeName: {n}\n")).unwrap_or_default();
-    let host_port = host_port.map(|p| format!("          hostPort: {p}\n")).unwrap_or_default();
+    let labels: String = labels
+        .iter()
+        .map(|(k, v)| format!("    {k}: {v}\n"))
+        .collect();
+    let node = node
+        .map(|n| format!("  nodeName: {n}\n"))
+        .unwrap_or_default();
+    let host_port = host_port
+        .map(|p| format!("          hostPort: {p}\n"))
+        .unwrap_or_default();
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n{labels}spec:\n{node}  containers:\n    - name: server\n      image: weft-lab/pod-server\n      ports:\n        - containerPort: 8080\n{host_port}"
     )
@@ -31,7 +41,9 @@ fn pod(name: &str, labels: &[(&str, &str)], node: Option<&str>, host_port: Optio
 
 async fn wait_pods(lab: &TestLab, names: &[&str]) {
     for name in names {
-        lab.wait_pod_ready("default", name, Duration::from_secs(60)).await.expect("pod ready");
+        lab.wait_pod_ready("default", name, Duration::from_secs(60))
+            .await
+            .expect("pod ready");
     }
 }
 
@@ -50,20 +62,31 @@ async fn cluster_ip(lab: &TestLab, name: &str) -> Ipv4Addr {
 
 /// Waits until `node`'s datapath programs `frontend` with `n` backends.
 async fn wait_frontend(lab: &TestLab, node: &str, frontend: &str, n: usize) {
-    let dp = DatapathClient::new(lab.channel(&format!("datapath-svc/{node}")).expect("channel"));
-    eventually(Duration::from_secs(15), &format!("{node}: {frontend} with {n} backends"), || {
-        let mut dp = dp.clone();
-        async move {
-            let services = dp.list_services(ListServicesRequest {}).await?.into_inner().services;
-            let got = services
-                .iter()
-                .find(|s| s.frontend == frontend)
-                .map(|s| s.backends.iter().filter(|b| b.state == "active").count())
-                .unwrap_or(0);
-            anyhow::ensure!(got == n, "{got} active backends");
-            Ok(())
-        }
-    })
+    let dp = DatapathClient::new(
+        lab.channel(&format!("datapath-svc/{node}"))
+            .expect("channel"),
+    );
+    eventually(
+        Duration::from_secs(15),
+        &format!("{node}: {frontend} with {n} backends"),
+        || {
+            let mut dp = dp.clone();
+            async move {
+                let services = dp
+                    .list_services(ListServicesRequest {})
+                    .await?
+                    .into_inner()
+                    .services;
+                let got = services
+                    .iter()
+                    .find(|s| s.frontend == frontend)
+                    .map(|s| s.backends.iter().filter(|b| b.state == "active").count())
+                    .unwrap_or(0);
+                anyhow::ensure!(got == n, "{got} active backends");
+                Ok(())
+            }
+        },
+    )
     .await;
 }
 
@@ -87,13 +110,23 @@ impl From {
 
 /// `n` TCP requests (or UDP datagrams, each from a fresh port) to `addr`
 /// from `from`: who answered, by name. A lost request fails the test.
-fn ask(lab: &TestLab, from: &From, addr: SocketAddr, udp: bool, n: usize) -> BTreeMap<String, usize> {
+fn ask(
+    lab: &TestLab,
+    from: &From,
+    addr: SocketAddr,
+    udp: bool,
+    n: usize,
+) -> BTreeMap<String, usize> {
     let netns = from.netns(lab);
     let what = format!("{from:?} -> {addr} ({})", if udp { "UDP" } else { "TCP" });
     in_pod(&netns, move || {
         let mut out = BTreeMap::new();
         for i in 0..n {
-            let who = if udp { udp_who(addr, TIMEOUT) } else { tcp_who(addr, TIMEOUT) };
+            let who = if udp {
+                udp_who(addr, TIMEOUT)
+            } else {
+                tcp_who(addr, TIMEOUT)
+            };
             let who = who.map_err(|e| anyhow::anyhow!("request {i}: {e:#}"))?;
             *out.entry(who).or_insert(0) += 1;
         }
@@ -141,7 +174,9 @@ async fn every_service_type_answers_everywhere(routing_mode: &str) {
     let (n1, n2) = (nodes[0].clone(), nodes[1].clone());
     let ip1 = lab.node_addr(&n1).expect("node 1 address");
     let ip2 = lab.node_addr(&n2).expect("node 2 address");
-    lab.manifests.apply_yaml("service-web.yaml", WEB).expect("apply");
+    lab.manifests
+        .apply_yaml("service-web.yaml", WEB)
+        .expect("apply");
     for (name, app, node, hp) in [
         ("web-1", "web", &n1, None),
         ("web-2", "web", &n2, None),
@@ -149,13 +184,28 @@ async fn every_service_type_answers_everywhere(routing_mode: &str) {
         ("client-1", "client", &n1, None),
         ("client-2", "client", &n2, None),
     ] {
-        lab.manifests.apply_yaml(&format!("pod-{name}.yaml"), &pod(name, &[("app", app)], Some(node), hp)).expect("apply");
+        lab.manifests
+            .apply_yaml(
+                &format!("pod-{name}.yaml"),
+                &pod(name, &[("app", app)], Some(node), hp),
+            )
+            .expect("apply");
     }
-    wait_pods(&lab, &["web-1", "web-2", "hostport-1", "client-1", "client-2"]).await;
+    wait_pods(
+        &lab,
+        &["web-1", "web-2", "hostport-1", "client-1", "client-2"],
+    )
+    .await;
     let vip = cluster_ip(&lab, "web").await;
     for node in [&n1, &n2] {
         wait_frontend(&lab, node, &format!("{vip}:80/TCP"), 2).await;
-        wait_frontend(&lab, node, &format!("{}:30080/TCP", lab.node_addr(node).expect("addr")), 2).await;
+        wait_frontend(
+            &lab,
+            node,
+            &format!("{}:30080/TCP", lab.node_addr(node).expect("addr")),
+            2,
+        )
+        .await;
     }
     wait_frontend(&lab, &n1, &format!("{ip1}:8081/TCP"), 1).await;
 
@@ -174,8 +224,18 @@ async fn every_service_type_answers_everywhere(routing_mode: &str) {
         ("NodePort", SocketAddr::from((ip2, 30080)), false, true),
         ("NodePort", SocketAddr::from((ip1, 30053)), true, true),
         ("NodePort", SocketAddr::from((ip2, 30053)), true, true),
-        ("ExternalIP", "192.0.2.10:80".parse().expect("addr"), false, true),
-        ("LoadBalancer", "198.51.100.10:80".parse().expect("addr"), false, true),
+        (
+            "ExternalIP",
+            "192.0.2.10:80".parse().expect("addr"),
+            false,
+            true,
+        ),
+        (
+            "LoadBalancer",
+            "198.51.100.10:80".parse().expect("addr"),
+            false,
+            true,
+        ),
     ];
     let mut table = Vec::new();
     for client in &clients {
@@ -184,7 +244,10 @@ async fn every_service_type_answers_everywhere(routing_mode: &str) {
                 continue;
             }
             let answers = ask(&lab, client, *addr, *udp, 24);
-            table.push(format!("{client:?} -> {kind} {addr} {}: {answers:?}", if *udp { "UDP" } else { "TCP" }));
+            table.push(format!(
+                "{client:?} -> {kind} {addr} {}: {answers:?}",
+                if *udp { "UDP" } else { "TCP" }
+            ));
             assert!(
                 answers.contains_key("web-1") && answers.contains_key("web-2"),
                 "{client:?} -> {kind} {addr}: both backends answer: {answers:?}"
@@ -193,24 +256,47 @@ async fn every_service_type_answers_everywhere(routing_mode: &str) {
         let hostport = SocketAddr::from((ip1, 8081));
         let answers = ask(&lab, client, hostport, false, 4);
         table.push(format!("{client:?} -> HostPort {hostport}: {answers:?}"));
-        assert_eq!(answers.keys().collect::<Vec<_>>(), vec!["hostport-1"], "{client:?} -> HostPort");
+        assert_eq!(
+            answers.keys().collect::<Vec<_>>(),
+            vec!["hostport-1"],
+            "{client:?} -> HostPort"
+        );
     }
     println!("routing mode {routing_mode}:\n{}", table.join("\n"));
 
     // Pods reach pods on the other node directly, with their own address;
     // traffic leaving the cluster is masqueraded to the node's address.
-    let web2 = lab.wait_pod_ready("default", "web-2", TIMEOUT).await.expect("web-2");
-    let client1 = lab.wait_pod_ready("default", "client-1", TIMEOUT).await.expect("client-1");
+    let web2 = lab
+        .wait_pod_ready("default", "web-2", TIMEOUT)
+        .await
+        .expect("web-2");
+    let client1 = lab
+        .wait_pod_ready("default", "client-1", TIMEOUT)
+        .await
+        .expect("client-1");
     let (who, peer) = in_pod(&lab.pod_netns_path("default", "client-1"), move || {
         tcp_who_peer(SocketAddr::from((web2, 8080)), TIMEOUT)
     })
     .expect("pod to pod across nodes");
-    assert_eq!((who.as_str(), peer.ip()), ("web-2", std::net::IpAddr::V4(client1)), "no NAT inside the cluster");
-    let outside = lab.start_outside_server("outside", 8090).await.expect("outside server");
-    let (who, peer) = in_pod(&lab.pod_netns_path("default", "client-1"), move || tcp_who_peer(outside, TIMEOUT))
-        .expect("pod to outside");
+    assert_eq!(
+        (who.as_str(), peer.ip()),
+        ("web-2", std::net::IpAddr::V4(client1)),
+        "no NAT inside the cluster"
+    );
+    let outside = lab
+        .start_outside_server("outside", 8090)
+        .await
+        .expect("outside server");
+    let (who, peer) = in_pod(&lab.pod_netns_path("default", "client-1"), move || {
+        tcp_who_peer(outside, TIMEOUT)
+    })
+    .expect("pod to outside");
     println!("client-1 ({client1}) reaches {who} at {outside} as {peer}");
-    assert_eq!(peer.ip(), std::net::IpAddr::V4(ip1), "masqueraded to node 1's address");
+    assert_eq!(
+        peer.ip(),
+        std::net::IpAddr::V4(ip1),
+        "masqueraded to node 1's address"
+    );
     lab.down().await;
 }
 
@@ -253,11 +339,21 @@ spec:
       targetPort: 8080
       nodePort: 30090
 "#;
-    lab.manifests.apply_yaml("service-local.yaml", svc).expect("apply");
-    for (name, app, node) in
-        [("local-1", "local", &n1), ("local-2", "local", &n2), ("client-1", "client", &n1), ("client-2", "client", &n2)]
-    {
-        lab.manifests.apply_yaml(&format!("pod-{name}.yaml"), &pod(name, &[("app", app)], Some(node), None)).expect("apply");
+    lab.manifests
+        .apply_yaml("service-local.yaml", svc)
+        .expect("apply");
+    for (name, app, node) in [
+        ("local-1", "local", &n1),
+        ("local-2", "local", &n2),
+        ("client-1", "client", &n1),
+        ("client-2", "client", &n2),
+    ] {
+        lab.manifests
+            .apply_yaml(
+                &format!("pod-{name}.yaml"),
+                &pod(name, &[("app", app)], Some(node), None),
+            )
+            .expect("apply");
     }
     wait_pods(&lab, &["local-1", "local-2", "client-1", "client-2"]).await;
     let vip = cluster_ip(&lab, "local").await;
@@ -268,19 +364,36 @@ spec:
     for (ip, expect) in [(ip1, "local-1"), (ip2, "local-2")] {
         let addr = SocketAddr::from((ip, 30090));
         let peers = in_pod(&outside, move || {
-            (0..20).map(|_| tcp_who_peer(addr, TIMEOUT)).collect::<anyhow::Result<Vec<_>>>()
+            (0..20)
+                .map(|_| tcp_who_peer(addr, TIMEOUT))
+                .collect::<anyhow::Result<Vec<_>>>()
         })
         .expect("outside to NodePort");
-        assert!(peers.iter().all(|(who, _)| who == expect), "{addr}: only {expect} answers: {peers:?}");
         assert!(
-            peers.iter().all(|(_, peer)| peer.ip() == std::net::IpAddr::V4(weft_lab::lab::CP_ADDR)),
+            peers.iter().all(|(who, _)| who == expect),
+            "{addr}: only {expect} answers: {peers:?}"
+        );
+        assert!(
+            peers
+                .iter()
+                .all(|(_, peer)| peer.ip() == std::net::IpAddr::V4(weft_lab::lab::CP_ADDR)),
             "{addr}: the client's address is preserved: {peers:?}"
         );
         println!("outside -> {addr}: 20 answers from {expect}, client address preserved");
     }
     for (client, expect) in [("client-1", "local-1"), ("client-2", "local-2")] {
-        let answers = ask(&lab, &From::Pod(client), SocketAddr::from((vip, 80)), false, 20);
-        assert_eq!(answers, BTreeMap::from([(expect.to_string(), 20)]), "{client} -> ClusterIP stays on its node");
+        let answers = ask(
+            &lab,
+            &From::Pod(client),
+            SocketAddr::from((vip, 80)),
+            false,
+            20,
+        );
+        assert_eq!(
+            answers,
+            BTreeMap::from([(expect.to_string(), 20)]),
+            "{client} -> ClusterIP stays on its node"
+        );
         println!("{client} -> {vip}:80: {answers:?}");
     }
     lab.down().await;
@@ -314,9 +427,17 @@ async fn maglev_random_and_affinity_select_backends_as_designed() {
     let lab = TestLab::up("backend_selection", 1).await;
     let node = lab.node_names()[0].clone();
     lab.manifests
-        .apply_yaml("service-maglev.yaml", &ten_backends_service("maglev", "{weft.io/lb-algorithm: maglev}", ""))
+        .apply_yaml(
+            "service-maglev.yaml",
+            &ten_backends_service("maglev", "{weft.io/lb-algorithm: maglev}", ""),
+        )
         .expect("apply");
-    lab.manifests.apply_yaml("service-random.yaml", &ten_backends_service("random", "{}", "")).expect("apply");
+    lab.manifests
+        .apply_yaml(
+            "service-random.yaml",
+            &ten_backends_service("random", "{}", ""),
+        )
+        .expect("apply");
     lab.manifests
         .apply_yaml(
             "service-sticky.yaml",
@@ -326,13 +447,27 @@ async fn maglev_random_and_affinity_select_backends_as_designed() {
     let mut names = Vec::new();
     for i in 0..10 {
         let name = format!("many-{i}");
-        lab.manifests.apply_yaml(&format!("pod-{name}.yaml"), &pod(&name, &[("app", "many")], None, None)).expect("apply");
+        lab.manifests
+            .apply_yaml(
+                &format!("pod-{name}.yaml"),
+                &pod(&name, &[("app", "many")], None, None),
+            )
+            .expect("apply");
         names.push(name);
     }
     for client in ["client-a", "client-b"] {
-        lab.manifests.apply_yaml(&format!("pod-{client}.yaml"), &pod(client, &[("app", "client")], None, None)).expect("apply");
+        lab.manifests
+            .apply_yaml(
+                &format!("pod-{client}.yaml"),
+                &pod(client, &[("app", "client")], None, None),
+            )
+            .expect("apply");
     }
-    let all: Vec<&str> = names.iter().map(String::as_str).chain(["client-a", "client-b"]).collect();
+    let all: Vec<&str> = names
+        .iter()
+        .map(String::as_str)
+        .chain(["client-a", "client-b"])
+        .collect();
     wait_pods(&lab, &all).await;
     let maglev_vip = cluster_ip(&lab, "maglev").await;
     let random_vip = cluster_ip(&lab, "random").await;
@@ -342,16 +477,35 @@ async fn maglev_random_and_affinity_select_backends_as_designed() {
     }
 
     // Random: 1,000 connections reach every backend.
-    let spread = ask(&lab, &From::Pod("client-a"), SocketAddr::from((random_vip, 80)), false, 1000);
+    let spread = ask(
+        &lab,
+        &From::Pod("client-a"),
+        SocketAddr::from((random_vip, 80)),
+        false,
+        1000,
+    );
     println!("random, 1000 connections: {spread:?}");
     assert_eq!(spread.len(), 10, "every backend is used");
-    assert!(spread.values().all(|n| *n >= 50), "roughly even (expected 100 each): {spread:?}");
+    assert!(
+        spread.values().all(|n| *n >= 50),
+        "roughly even (expected 100 each): {spread:?}"
+    );
 
     // Affinity: every connection of a client lands on one backend.
     for client in ["client-a", "client-b"] {
-        let sticky = ask(&lab, &From::Pod(client), SocketAddr::from((sticky_vip, 80)), false, 30);
+        let sticky = ask(
+            &lab,
+            &From::Pod(client),
+            SocketAddr::from((sticky_vip, 80)),
+            false,
+            30,
+        );
         println!("{client}, 30 connections with ClientIP affinity: {sticky:?}");
-        assert_eq!(sticky.len(), 1, "{client} sticks to one backend: {sticky:?}");
+        assert_eq!(
+            sticky.len(),
+            1,
+            "{client} sticks to one backend: {sticky:?}"
+        );
     }
 
     // Maglev: replay the same 1,000 flows (same source ports) before and
@@ -362,19 +516,29 @@ async fn maglev_random_and_affinity_select_backends_as_designed() {
         let netns = netns.clone();
         let addr = SocketAddr::from((maglev_vip, 80));
         in_pod(&netns, move || {
-            flows.iter().map(|p| Ok((*p, tcp_who_from(*p, addr, TIMEOUT)?))).collect::<anyhow::Result<BTreeMap<u16, String>>>()
+            flows
+                .iter()
+                .map(|p| Ok((*p, tcp_who_from(*p, addr, TIMEOUT)?)))
+                .collect::<anyhow::Result<BTreeMap<u16, String>>>()
         })
         .expect("maglev flows")
     };
     let before = replay(flows.clone());
     let again = replay(flows.clone());
-    assert_eq!(before, again, "the same flow always hashes to the same backend");
+    assert_eq!(
+        before, again,
+        "the same flow always hashes to the same backend"
+    );
     let removed = "many-3";
-    std::fs::remove_file(lab.manifests.root().join(format!("pod-{removed}.yaml"))).expect("remove backend");
+    std::fs::remove_file(lab.manifests.root().join(format!("pod-{removed}.yaml")))
+        .expect("remove backend");
     wait_frontend(&lab, &node, &format!("{maglev_vip}:80/TCP"), 9).await;
     let after = replay(flows);
     let on_removed = before.values().filter(|b| *b == removed).count();
-    let moved_others = before.iter().filter(|(p, b)| *b != removed && after.get(*p) != Some(*b)).count();
+    let moved_others = before
+        .iter()
+        .filter(|(p, b)| *b != removed && after.get(*p) != Some(*b))
+        .count();
     let share = moved_others as f64 / (before.len() - on_removed) as f64;
     println!(
         "maglev: {on_removed} of 1000 flows were on {removed} and moved; {moved_others} of the other {} moved ({:.2}%)",
@@ -385,7 +549,11 @@ async fn maglev_random_and_affinity_select_backends_as_designed() {
     // Maglev's table gives each of 9 survivors ≈M/9 slots; the fill order
     // shifts a few percent of surviving slots at most (3% measured on the
     // table itself in maglev.rs); allow that plus sampling noise on 900 flows.
-    assert!(share < 0.06, "{:.2}% of the surviving flows moved", share * 100.0);
+    assert!(
+        share < 0.06,
+        "{:.2}% of the surviving flows moved",
+        share * 100.0
+    );
     lab.down().await;
 }
 
@@ -410,9 +578,20 @@ spec:
       port: 80
       targetPort: 8080
 "#;
-    lab.manifests.apply_yaml("service-files.yaml", svc).expect("apply");
-    for (name, app) in [("files-1", "files"), ("files-2", "files"), ("client", "client")] {
-        lab.manifests.apply_yaml(&format!("pod-{name}.yaml"), &pod(name, &[("app", app)], None, None)).expect("apply");
+    lab.manifests
+        .apply_yaml("service-files.yaml", svc)
+        .expect("apply");
+    for (name, app) in [
+        ("files-1", "files"),
+        ("files-2", "files"),
+        ("client", "client"),
+    ] {
+        lab.manifests
+            .apply_yaml(
+                &format!("pod-{name}.yaml"),
+                &pod(name, &[("app", app)], None, None),
+            )
+            .expect("apply");
     }
     wait_pods(&lab, &["files-1", "files-2", "client"]).await;
     let vip = cluster_ip(&lab, "files").await;
@@ -425,18 +604,31 @@ spec:
     let (tx, rx) = std::sync::mpsc::channel();
     let transfer = std::thread::spawn(move || {
         weft_common::netns::run_in(&netns, move || {
-            let (who, stream) = tcp_download_start(SocketAddr::from((vip, 80)), SIZE, Duration::from_secs(10))?;
+            let (who, stream) =
+                tcp_download_start(SocketAddr::from((vip, 80)), SIZE, Duration::from_secs(10))?;
             tx.send(who.clone()).ok();
             let got = tcp_download_finish(stream, 64 << 10, Duration::from_millis(30))?;
             Ok((who, got))
         })
     });
-    let serving = rx.recv_timeout(Duration::from_secs(10)).expect("transfer started");
-    lab.mark_terminating("default", &serving).expect("terminating");
+    let serving = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("transfer started");
+    lab.mark_terminating("default", &serving)
+        .expect("terminating");
     wait_frontend(&lab, &node, &frontend, 1).await;
-    let during = ask(&lab, &From::Pod("client"), SocketAddr::from((vip, 80)), false, 20);
+    let during = ask(
+        &lab,
+        &From::Pod("client"),
+        SocketAddr::from((vip, 80)),
+        false,
+        20,
+    );
     println!("transfer from {serving}; new connections while it terminates: {during:?}");
-    assert!(!during.contains_key(&serving), "no new connection reaches the terminating backend");
+    assert!(
+        !during.contains_key(&serving),
+        "no new connection reaches the terminating backend"
+    );
     let (who, got) = transfer.join().expect("transfer thread").expect("transfer");
     println!("{who} delivered {got} of {SIZE} bytes after it began terminating");
     assert_eq!(got, SIZE, "the transfer completed");

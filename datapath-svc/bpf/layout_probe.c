@@ -60,6 +60,15 @@ int main(void)
 	FIELD(ct4_entry, nat_addr);
 	FIELD(ct4_entry, nat_port);
 	END();
+		STRUCT(snat4_port_key);
+	FIELD(snat4_port_key, nat_addr);
+	FIELD(snat4_port_key, nat_port);
+	FIELD(snat4_port_key, proto);
+	END();
+	STRUCT(snat4_port);
+	FIELD(snat4_port, remote_addr);
+	FIELD(snat4_port, remote_port);
+	END();
 	STRUCT(lb4_maglev_key);
 	FIELD(lb4_maglev_key, rev_nat_index);
 	FIELD(lb4_maglev_key, block);

@@ -59,7 +59,7 @@ static __always_inline int lb4_forward(struct __sk_buff *skb, const struct tuple
 	__be16 nat_port = 0;
 	__u32 backend_id = 0, ifindex;
 	__u64 now;
-	int snat = 0, port;
+		int snat = 0, port, created = 0;
 
 	svc = lb4_lookup_service(t->daddr, t->dport, t->proto);
 	if (!svc)
@@ -111,7 +111,7 @@ static __always_inline int lb4_forward(struct __sk_buff *skb, const struct tuple
 			rentry.flags = CT_FLAG_SNAT;
 			rentry.nat_addr = t->saddr;
 			rentry.nat_port = t->sport;
-			port = snat_claim_port(&rkey, &rentry);
+			port = snat_claim_port(&rkey, &rentry, now);
 			if (port < 0) {
 				count(skb, REASON_NAT_EXHAUSTED);
 				return WEFT_DROP;
@@ -121,8 +121,9 @@ static __always_inline int lb4_forward(struct __sk_buff *skb, const struct tuple
 			entry.nat_addr = nat_addr;
 			entry.nat_port = nat_port;
 		}
-		ct_key_of(&key, t);
+				ct_key_of(&key, t);
 		bpf_map_update_elem(&weft_ct4_services, &key, &entry, BPF_ANY);
+		created = 1;
 	} else {
 		b = *be;
 	}
@@ -133,12 +134,15 @@ static __always_inline int lb4_forward(struct __sk_buff *skb, const struct tuple
 	rkey.proto = t->proto;
 	rkey.daddr = snat ? nat_addr : t->saddr;
 	rkey.dport = snat ? nat_port : t->sport;
-	e = bpf_map_lookup_elem(&weft_ct4_reverse, &rkey);
+		/* A new connection owns the reply tuple, even if an older flow from
+	 * the same client port to the same backend (through another frontend)
+	 * left an entry there. */
+	e = created ? NULL : bpf_map_lookup_elem(&weft_ct4_reverse, &rkey);
 	if (e) {
 		e->last_seen = now;
 		if (closes(t))
 			e->flags |= CT_FLAG_CLOSING;
-	} else {
+	} else if (!(created && snat)) {
 		rentry.last_seen = now;
 		rentry.address = t->daddr;
 		rentry.port = t->dport;
@@ -257,7 +261,7 @@ static __always_inline int masquerade(struct __sk_buff *skb, const struct tuple4
 		rentry.flags = CT_FLAG_SNAT;
 		rentry.nat_addr = t->saddr;
 		rentry.nat_port = t->sport;
-		port = snat_claim_port(&rkey, &rentry);
+		port = snat_claim_port(&rkey, &rentry, now);
 		if (port < 0) {
 			count(skb, REASON_NAT_EXHAUSTED);
 			return WEFT_DROP;
@@ -276,6 +280,29 @@ static __always_inline int masquerade(struct __sk_buff *skb, const struct tuple4
 	}
 	count(skb, REASON_MASQUERADED);
 	return WEFT_PASS;
+}
+
+/* A packet going straight to a pod (not to a frontend) starts or continues
+ * a flow nobody translated. If an older translated flow left a reverse entry
+ * on the same reply tuple (the client reused its port), that entry would
+ * rewrite this flow's replies: the direct flow owns the tuple now. TCP
+ * flows are checked on their SYN, UDP on every datagram. */
+static __always_inline void forget_stale_reverse(const struct tuple4 *t)
+{
+	struct ct4_key rkey = {
+		.saddr = t->daddr,
+		.daddr = t->saddr,
+		.sport = t->dport,
+		.dport = t->sport,
+		.proto = t->proto,
+	};
+	struct ct4_entry *e;
+
+	if (t->proto == IPPROTO_TCP && !opens(t))
+		return;
+	e = bpf_map_lookup_elem(&weft_ct4_reverse, &rkey);
+	if (e && !(e->flags & CT_FLAG_SNAT))
+		bpf_map_delete_elem(&weft_ct4_reverse, &rkey);
 }
 
 /* Runs `step` and returns its verdict unless it said NOT_OURS. */
@@ -302,8 +329,9 @@ int from_container(struct __sk_buff *skb)
 {
 	struct tuple4 t = {};
 
-	PARSE_OR_PASS(skb, &t);
+		PARSE_OR_PASS(skb, &t);
 	TRY(lb4_forward(skb, &t, 0));
+	forget_stale_reverse(&t);
 pass:
 	count(skb, REASON_PASSED);
 	return WEFT_PASS;
@@ -353,8 +381,9 @@ int from_netdev(struct __sk_buff *skb)
 	struct tuple4 t = {};
 
 	PARSE_OR_PASS(skb, &t);
-	TRY(lb4_reverse(skb, &t, 1));
+		TRY(lb4_reverse(skb, &t, 1));
 	TRY(lb4_forward(skb, &t, 1));
+	forget_stale_reverse(&t);
 pass:
 	count(skb, REASON_PASSED);
 	return WEFT_PASS;

@@ -127,6 +127,23 @@ pub struct Ct4Entry {
 }
 
 #[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Snat4PortKey {
+    pub nat_addr: u32,
+    pub nat_port: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Snat4Port {
+    pub remote_addr: u32,
+    pub remote_port: u16,
+    pub pad: u16,
+}
+
+#[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Lb4MaglevKey {
     pub rev_nat_index: u16,
@@ -191,6 +208,8 @@ unsafe impl aya::Pod for Ct4Key {}
 unsafe impl aya::Pod for Ct4Entry {}
 unsafe impl aya::Pod for MetricsValue {}
 unsafe impl aya::Pod for Lb4MaglevKey {}
+unsafe impl aya::Pod for Snat4PortKey {}
+unsafe impl aya::Pod for Snat4Port {}
 unsafe impl aya::Pod for Lb4MaglevBlock {}
 unsafe impl aya::Pod for Lb4AffinityKey {}
 unsafe impl aya::Pod for Lb4Affinity {}
@@ -303,6 +322,8 @@ mod tests {
                 nat_port
             ),
             "lb4_maglev_key" => layout!(Lb4MaglevKey, rev_nat_index, block),
+            "snat4_port_key" => layout!(Snat4PortKey, nat_addr, nat_port, proto),
+            "snat4_port" => layout!(Snat4Port, remote_addr, remote_port),
             "lb4_maglev_block" => layout!(Lb4MaglevBlock, backend_ids),
             "lb4_affinity_key" => layout!(Lb4AffinityKey, client, rev_nat_index),
             "lb4_affinity" => layout!(Lb4Affinity, last_used, backend_id),

@@ -37,6 +37,20 @@ struct ct4_key {
 	__u8 pad[3];
 };
 
+/* Which flow holds a SNAT port of one of the node's addresses. */
+struct snat4_port_key {
+	__be32 nat_addr;
+	__be16 nat_port;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct snat4_port {
+	__be32 remote_addr; /* the other end of the flow, as the reply comes from */
+	__be16 remote_port;
+	__u16 pad;
+};
+
 struct ct4_entry {
 	__u64 last_seen;     /* bpf_ktime_get_ns() of the last packet */
 	__u32 backend_id;    /* forward: the chosen backend */
@@ -74,6 +88,14 @@ struct {
 	__uint(max_entries, CT_MAP_SIZE);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weft_masq4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct snat4_port_key);
+	__type(value, struct snat4_port);
+	__uint(max_entries, CT_MAP_SIZE);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_snat4_ports SEC(".maps");
 
 /* Connections from outside the cluster to a local pod, keyed by the tuple
  * of the pod's replies (value: last seen). Those replies are not the pod's
@@ -127,19 +149,50 @@ static __always_inline struct ct4_entry *ct_lookup(void *map, const struct tuple
 	return e;
 }
 
-/* Claims a free SNAT source port for `rkey` (the reply tuple, whose dport
- * is the port being chosen) by inserting `rentry` with BPF_NOEXIST: an
- * atomic claim, so two CPUs never hand out the same port. */
-static __always_inline int snat_claim_port(struct ct4_key *rkey, struct ct4_entry *rentry)
+/* Whether the flow holding a SNAT port is still alive: its reverse entry
+ * exists and has not expired. */
+static __always_inline int snat_port_in_use(const struct snat4_port_key *pkey, const struct snat4_port *owner,
+					    __u64 now)
+{
+	struct ct4_key rkey = {
+		.saddr = owner->remote_addr,
+		.daddr = pkey->nat_addr,
+		.sport = owner->remote_port,
+		.dport = pkey->nat_port,
+		.proto = pkey->proto,
+	};
+	struct ct4_entry *e = bpf_map_lookup_elem(&weft_ct4_reverse, &rkey);
+
+	return e && !ct_expired(e, pkey->proto, now);
+}
+
+/* Claims a SNAT source port on the reply tuple `rkey` (whose daddr is the
+ * SNAT address and whose dport is the port being chosen) and inserts
+ * `rentry` there. A port is unique per address and protocol, whatever the
+ * destination: a node that receives the flow may translate it to a backend
+ * that another of our flows also reaches, and the two must not meet on the
+ * same tuple there. Claims use BPF_NOEXIST, so two CPUs never take the same
+ * free port; a port whose flow has died is taken over. */
+static __always_inline int snat_claim_port(struct ct4_key *rkey, struct ct4_entry *rentry, __u64 now)
 {
 	__u32 span = SNAT_PORT_MAX - SNAT_PORT_MIN + 1;
+	struct snat4_port_key pkey = { .nat_addr = rkey->daddr, .proto = rkey->proto };
+	struct snat4_port owner = { .remote_addr = rkey->saddr, .remote_port = rkey->sport };
+	struct snat4_port *held;
 
 	for (int i = 0; i < 8; i++) {
 		__u16 port = SNAT_PORT_MIN + bpf_get_prandom_u32() % span;
 
-		rkey->dport = bpf_htons(port);
-		if (bpf_map_update_elem(&weft_ct4_reverse, rkey, rentry, BPF_NOEXIST) == 0)
-			return port;
+		pkey.nat_port = bpf_htons(port);
+		if (bpf_map_update_elem(&weft_snat4_ports, &pkey, &owner, BPF_NOEXIST)) {
+			held = bpf_map_lookup_elem(&weft_snat4_ports, &pkey);
+			if (!held || snat_port_in_use(&pkey, held, now))
+				continue;
+			bpf_map_update_elem(&weft_snat4_ports, &pkey, &owner, BPF_ANY);
+		}
+		rkey->dport = pkey.nat_port;
+		bpf_map_update_elem(&weft_ct4_reverse, rkey, rentry, BPF_ANY);
+		return port;
 	}
 	return -1;
 }

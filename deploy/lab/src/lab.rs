@@ -44,6 +44,12 @@ pub const IDENTITY_PORT: u16 = 9402;
 pub const DATAPATH_PORT: u16 = 9403;
 /// The port pod servers listen on unless a pod declares its own.
 pub const POD_PORT: u16 = 8080;
+/// ExternalIPs the lab network routes to the first node, as an upstream
+/// router would.
+pub const EXTERNAL_IP_RANGE: &str = "192.0.2.0/24";
+/// LoadBalancer ingress IPs the lab network routes to the last node, as a
+/// load balancer announcing them would.
+pub const LOAD_BALANCER_RANGE: &str = "198.51.100.0/24";
 
 #[derive(Debug, Clone)]
 pub struct LabConfig {
@@ -64,6 +70,8 @@ pub struct LabConfig {
     /// the address must answer in each (a collector on 127.0.0.1 in every
     /// namespace, for instance).
     pub otlp_endpoint: Option<String>,
+    /// `native` or `tunnel` (VXLAN), passed to every datapath-svc.
+    pub routing_mode: String,
 }
 
 impl LabConfig {
@@ -79,6 +87,7 @@ impl LabConfig {
                 .expect("a valid prefix"),
             log_level: "info".into(),
             otlp_endpoint: None,
+            routing_mode: "native".into(),
         }
     }
 }
@@ -226,6 +235,15 @@ impl Lab {
             ip_in(node, &["link", "set", "eth0", "up"])?;
             std::fs::create_dir_all(self.node_dir(node))?;
         }
+        // The control-plane namespace doubles as the world outside the
+        // cluster: it routes external and load-balancer addresses to nodes.
+        let names = self.node_names();
+        if let (Some(first), Some(last)) = (names.first(), names.last()) {
+            let first = self.node_addr(first).context("node address")?.to_string();
+            let last = self.node_addr(last).context("node address")?.to_string();
+            ip_in(&cp, &["route", "add", EXTERNAL_IP_RANGE, "via", &first])?;
+            ip_in(&cp, &["route", "add", LOAD_BALANCER_RANGE, "via", &last])?;
+        }
         Ok(())
     }
 
@@ -355,6 +373,8 @@ impl Lab {
                 format!("--watcher=http://{CP_ADDR}:{WATCHER_PORT}"),
                 format!("--ipam=http://{CP_ADDR}:{IPAM_PORT}"),
                 format!("--identity=http://{CP_ADDR}:{IDENTITY_PORT}"),
+                format!("--routing-mode={}", self.cfg.routing_mode),
+                format!("--cluster-pool-ipv4-cidr={}", self.cfg.cluster_pool),
                 "--metrics-listen=0.0.0.0:9413".into(),
                 format!("--log-level={}", self.cfg.log_level),
             ],
@@ -515,6 +535,73 @@ impl Lab {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Starts a lab pod server outside the cluster (in the control-plane
+    /// namespace, which stands for the world outside) and returns its
+    /// address.
+    pub async fn start_outside_server(&self, name: &str, port: u16) -> anyhow::Result<SocketAddr> {
+        let proc = Proc::start(ProcSpec {
+            name: format!("outside/{name}"),
+            netns: self.cp_netns(),
+            bin: self.bin("weft-lab"),
+            args: vec![
+                "pod-server".into(),
+                format!("--name={name}"),
+                format!("--port={port}"),
+            ],
+            env: vec![],
+            log: self.log_dir().join(format!("outside-{name}.log")),
+        })?;
+        self.services
+            .lock()
+            .await
+            .insert(format!("outside/{name}"), proc);
+        let addr = SocketAddr::from((CP_ADDR, port));
+        let ns = netns_path(&self.cp_netns());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let probe = ns.clone();
+            let up = tokio::task::spawn_blocking(move || {
+                weft_common::netns::run_in(&probe, move || {
+                    Ok(
+                        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                            .is_ok(),
+                    )
+                })
+            })
+            .await??;
+            if up {
+                return Ok(addr);
+            }
+            if Instant::now() > deadline {
+                bail!("the outside server {name} did not start");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Marks a pod as terminating (sets its deletionTimestamp), as the API
+    /// server does when a pod is deleted with a grace period: it keeps
+    /// running, but its endpoints stop being ready.
+    pub fn mark_terminating(&self, namespace: &str, name: &str) -> anyhow::Result<()> {
+        let objs = self.manifests.read();
+        let (origin, pod) = objs
+            .pods
+            .iter()
+            .find(|(_, p)| ns_of(&p.metadata) == namespace && name_of(&p.metadata) == name)
+            .with_context(|| format!("no pod {namespace}/{name}"))?;
+        let mut pod = pod.clone();
+        pod.metadata.deletion_timestamp = {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or_default();
+            k8s_openapi::jiff::Timestamp::from_second(now)
+                .ok()
+                .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time)
+        };
+        self.manifests.replace(origin, &pod)
     }
 
     /// The control loops: every 100 ms when the manifests changed, and every

@@ -35,6 +35,11 @@ struct LabArgs {
     /// Log level of the services.
     #[arg(long, default_value = "info")]
     log_level: String,
+    /// OTLP/gRPC collector for every service's and the CNI plugin's spans,
+    /// e.g. `http://127.0.0.1:4317`; it must answer at that address in the
+    /// lab's namespaces as well as here.
+    #[arg(long, env = "WEFT_LAB_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 impl LabArgs {
@@ -53,6 +58,7 @@ impl LabArgs {
         let mut cfg = LabConfig::new(&self.name, run_dir, bin_dir);
         cfg.nodes = usize::from(self.nodes);
         cfg.log_level = self.log_level.clone();
+        cfg.otlp_endpoint = self.otlp_endpoint.clone();
         Ok(cfg)
     }
 }

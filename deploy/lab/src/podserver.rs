@@ -53,8 +53,11 @@ async fn handle(
     let mut line = String::new();
     reader.read_line(&mut line).await?;
     let line = line.trim();
-        if let Some(n) = line.strip_prefix("bytes ") {
-        reader.get_mut().write_all(format!("{name}\n").as_bytes()).await?;
+    if let Some(n) = line.strip_prefix("bytes ") {
+        reader
+            .get_mut()
+            .write_all(format!("{name}\n").as_bytes())
+            .await?;
         let mut left: u64 = n.parse().unwrap_or(0);
         let chunk = vec![b'x'; 64 * 1024];
         while left > 0 {
@@ -123,7 +126,11 @@ pub fn udp_who(addr: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
 
 /// Opens a `bytes N` download over TCP; the returned stream has read the
 /// serving pod's name line and the data follows.
-pub fn tcp_download_start(addr: SocketAddr, n: u64, timeout: Duration) -> anyhow::Result<(String, BufReader<TcpStream>)> {
+pub fn tcp_download_start(
+    addr: SocketAddr,
+    n: u64,
+    timeout: Duration,
+) -> anyhow::Result<(String, BufReader<TcpStream>)> {
     let mut s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.write_all(format!("bytes {n}\n").as_bytes())?;
@@ -135,7 +142,11 @@ pub fn tcp_download_start(addr: SocketAddr, n: u64, timeout: Duration) -> anyhow
 
 /// Reads the rest of a download, at most `chunk` bytes per `pause`;
 /// returns how many bytes arrived.
-pub fn tcp_download_finish(mut reader: BufReader<TcpStream>, chunk: usize, pause: Duration) -> anyhow::Result<u64> {
+pub fn tcp_download_finish(
+    mut reader: BufReader<TcpStream>,
+    chunk: usize,
+    pause: Duration,
+) -> anyhow::Result<u64> {
     let mut total = 0u64;
     let mut buf = vec![0u8; chunk.max(1)];
     loop {
@@ -153,20 +164,37 @@ pub fn tcp_download_finish(mut reader: BufReader<TcpStream>, chunk: usize, pause
 
 /// One `who` request from a fixed source port, so the same flow can be
 /// replayed later (for consistent hashing).
-pub fn tcp_who_from(local_port: u16, addr: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
+pub fn tcp_who_from(
+    local_port: u16,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<String> {
     use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrIn, sockopt};
-    let SocketAddr::V4(dst) = addr else { bail!("IPv4 only") };
-    let fd = socket::socket(AddressFamily::Inet, SockType::Stream, SockFlag::empty(), None)?;
+    let SocketAddr::V4(dst) = addr else {
+        bail!("IPv4 only")
+    };
+    let fd = socket::socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )?;
     socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
     let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
-    socket::bind(raw, &SockaddrIn::new(0, 0, 0, 0, local_port)).with_context(|| format!("binding source port {local_port}"))?;
-    socket::connect(raw, &SockaddrIn::from(dst)).with_context(|| format!("connecting to {addr} from port {local_port}"))?;
+    socket::bind(raw, &SockaddrIn::new(0, 0, 0, 0, local_port))
+        .with_context(|| format!("binding source port {local_port}"))?;
+    socket::connect(raw, &SockaddrIn::from(dst))
+        .with_context(|| format!("connecting to {addr} from port {local_port}"))?;
     let mut s = TcpStream::from(fd);
     s.set_read_timeout(Some(timeout))?;
     s.write_all(b"who\n")?;
     let mut reply = String::new();
     BufReader::new(&mut s).read_line(&mut reply)?;
-    let name = reply.split_whitespace().next().unwrap_or_default().to_string();
+    let name = reply
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
     if name.is_empty() {
         bail!("empty reply from {addr}");
     }
@@ -176,14 +204,19 @@ pub fn tcp_who_from(local_port: u16, addr: SocketAddr, timeout: Duration) -> any
 /// A `who` request answered with the pod's name and the source address the
 /// pod saw (to tell whether the client's address was preserved).
 pub fn tcp_who_peer(addr: SocketAddr, timeout: Duration) -> anyhow::Result<(String, SocketAddr)> {
-    let mut s = TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connecting to {addr}"))?;
+    let mut s = TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("connecting to {addr}"))?;
     s.set_read_timeout(Some(timeout))?;
     s.write_all(b"who\n")?;
     let mut reply = String::new();
     BufReader::new(&mut s).read_line(&mut reply)?;
     let mut parts = reply.split_whitespace();
     let name = parts.next().unwrap_or_default().to_string();
-    let peer = parts.next().unwrap_or_default().parse().with_context(|| format!("reply {reply:?}"))?;
+    let peer = parts
+        .next()
+        .unwrap_or_default()
+        .parse()
+        .with_context(|| format!("reply {reply:?}"))?;
     Ok((name, peer))
 }
 
