@@ -106,6 +106,8 @@ pub struct NodeConfig {
     pub devices: Vec<Device>,
     /// The node as load-balancer frontends see it.
     pub view: NodeView,
+    /// The kube-proxy replacement features that are on, for status pages.
+    pub features: Vec<String>,
 }
 
 pub struct Agent {
@@ -113,6 +115,7 @@ pub struct Agent {
     pub mtu: u32,
     pub pin_dir: PathBuf,
     pub config: NodeConfig,
+    pub features: Vec<String>,
     pub store: Store,
     pub ipam: PodIpam,
     pub endpoints: Endpoints,
@@ -158,6 +161,7 @@ impl Agent {
             node: p.config.name.clone(),
             mtu: p.config.mtu,
             pin_dir: p.config.pin_dir.clone(),
+            features: p.config.features.clone(),
             config: p.config,
             store: p.store,
             ipam: p.ipam,

@@ -84,11 +84,7 @@ impl Datapath for DatapathService {
             pod_ips_total: a.ipam.capacity(),
             components,
             maps,
-            features: vec![
-                "ClusterIP".into(),
-                "ExternalIP".into(),
-                "LoadBalancer".into(),
-            ],
+            features: a.features.clone(),
         }))
     }
 

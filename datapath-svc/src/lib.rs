@@ -174,6 +174,36 @@ impl Args {
     }
 }
 
+/// The kube-proxy replacement features this configuration turns on.
+fn features(args: &Args) -> Vec<String> {
+    let mut f: Vec<String> = [
+        "ClusterIP",
+        "NodePort",
+        "ExternalIP",
+        "LoadBalancer",
+        "HostPort",
+        "SessionAffinity",
+        "Maglev",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    f.push(format!(
+        "Routing={}",
+        match args.routing_mode {
+            routing::RoutingMode::Native => "native",
+            routing::RoutingMode::Tunnel => "tunnel",
+        }
+    ));
+    if args.enable_masquerade {
+        f.push("Masquerade".into());
+    }
+    if args.socket_lb {
+        f.push("SocketLB".into());
+    }
+    f
+}
+
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     args.validate()?;
@@ -246,6 +276,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             addrs: devices.iter().map(|d| d.addr).collect(),
             default_algorithm: lb::Algorithm::parse(&args.lb_algorithm).unwrap_or_default(),
         },
+        features: features(&args),
         devices,
     };
     let (hostports_tx, hostports_rx) = tokio::sync::mpsc::unbounded_channel();

@@ -92,6 +92,19 @@ impl LabConfig {
     }
 }
 
+/// One invocation of the CNI plugin, as a container runtime makes it.
+pub struct CniCall<'a> {
+    pub node: &'a str,
+    pub command: &'a str,
+    pub container_id: &'a str,
+    pub netns: &'a str,
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub uid: &'a str,
+    /// `runtimeConfig.portMappings`: the pod's hostPorts.
+    pub port_mappings: Vec<serde_json::Value>,
+}
+
 /// A pod the lab runs.
 pub struct RunningPod {
     pub namespace: String,
@@ -788,9 +801,17 @@ impl Lab {
         net::netns_add(&netns)?;
         let container_id = format!("{:032x}", rand::random::<u128>());
         let uid = pod.metadata.uid.clone().unwrap_or_default();
-        let result = self
-            .cni(&node, "ADD", &container_id, &netns, &namespace, &name, &uid)
-            .await;
+        let call = CniCall {
+            node: &node,
+            command: "ADD",
+            container_id: &container_id,
+            netns: &netns,
+            namespace: &namespace,
+            name: &name,
+            uid: &uid,
+            port_mappings: Self::port_mappings(pod),
+        };
+        let result = self.cni(&call).await;
         let out = match result {
             Ok(out) => out,
             Err(e) => {
@@ -848,33 +869,53 @@ impl Lab {
 
     async fn stop_pod(&self, mut pod: RunningPod) -> anyhow::Result<()> {
         pod.server.stop().await;
-        self.cni(
-            &pod.node,
-            "DEL",
-            &pod.container_id,
-            &pod.netns,
-            &pod.namespace,
-            &pod.name,
-            "",
-        )
+        self.cni(&CniCall {
+            node: &pod.node,
+            command: "DEL",
+            container_id: &pod.container_id,
+            netns: &pod.netns,
+            namespace: &pod.namespace,
+            name: &pod.name,
+            uid: "",
+            port_mappings: Vec::new(),
+        })
         .await?;
         net::netns_del(&pod.netns)?;
         tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), "pod removed");
         Ok(())
     }
 
+    /// A pod's hostPorts as the runtime hands them to CNI plugins
+    /// (`runtimeConfig.portMappings`, the portmap convention).
+    fn port_mappings(pod: &Pod) -> Vec<serde_json::Value> {
+        pod.spec
+            .iter()
+            .flat_map(|s| s.containers.iter())
+            .flat_map(|c| c.ports.iter().flatten())
+            .filter(|p| p.host_port.is_some_and(|h| h > 0))
+            .map(|p| {
+                serde_json::json!({
+                    "hostPort": p.host_port,
+                    "containerPort": p.container_port,
+                    "protocol": p.protocol.as_deref().unwrap_or("TCP").to_lowercase(),
+                    "hostIP": p.host_ip.clone().unwrap_or_default(),
+                })
+            })
+            .collect()
+    }
+
     /// Runs the CNI plugin binary the way kubelet's runtime does.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn cni(
-        &self,
-        node: &str,
-        command: &str,
-        container_id: &str,
-        netns: &str,
-        namespace: &str,
-        name: &str,
-        uid: &str,
-    ) -> anyhow::Result<String> {
+    pub async fn cni(&self, call: &CniCall<'_>) -> anyhow::Result<String> {
+        let CniCall {
+            node,
+            command,
+            container_id,
+            netns,
+            namespace,
+            name,
+            uid,
+            port_mappings,
+        } = call;
         let conf = serde_json::json!({
             "cniVersion": "1.1.0",
             "name": "weft",
@@ -882,6 +923,7 @@ impl Lab {
             "socketPath": self.cni_socket(node),
             "delQueueDir": self.node_dir(node).join("cni-del-queue"),
             "otlpEndpoint": self.cfg.otlp_endpoint,
+            "runtimeConfig": { "portMappings": port_mappings },
         });
         let mut child = tokio::process::Command::new(self.bin("weft-cni"))
             .env_clear()
