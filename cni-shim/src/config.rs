@@ -150,6 +150,9 @@ pub struct NetConf {
     pub valid_attachments: Option<Vec<Attachment>>,
     /// The network's DNS settings, echoed into ADD's result.
     pub dns: Option<Value>,
+    /// OTLP/gRPC collector (`http://host:4317`) the plugin sends its span
+    /// to; `None` sends nothing.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl NetConf {
@@ -212,6 +215,15 @@ pub fn parse(bytes: &[u8]) -> Result<NetConf, CniError> {
             CniError::config("invalid logLevel")
                 .with_details(format!("{s:?}; use error, warn, info, debug or trace"))
         })?,
+    };
+
+    let otlp_endpoint = match optional_str(&obj, "otlpEndpoint")? {
+        None => None,
+        Some(s) if s.starts_with("http://") || s.starts_with("https://") => Some(s.to_string()),
+        Some(s) => {
+            return Err(CniError::config("invalid otlpEndpoint")
+                .with_details(format!("{s:?} is not a URL such as http://127.0.0.1:4317")));
+        }
     };
 
     let mtu = match obj.get("mtu") {
@@ -303,6 +315,7 @@ pub fn parse(bytes: &[u8]) -> Result<NetConf, CniError> {
         prev_result,
         valid_attachments,
         dns,
+        otlp_endpoint,
     })
 }
 
@@ -449,6 +462,7 @@ mod tests {
         assert_eq!(conf.del_queue_dir, PathBuf::from(DEFAULT_DEL_QUEUE_DIR));
         assert_eq!(conf.mtu, None);
         assert_eq!(conf.log_level, LogLevel::Info);
+        assert_eq!(conf.otlp_endpoint, None);
         assert!(conf.port_mappings.is_empty());
         assert_eq!(conf.timeout_for(Command::Add), DEFAULT_TIMEOUT);
         assert_eq!(conf.timeout_for(Command::Del), SHORT_TIMEOUT);
@@ -465,6 +479,7 @@ mod tests {
             "mtu": 1450,
             "logFile": "/var/log/weft-cni.log",
             "logLevel": "DEBUG",
+            "otlpEndpoint": "http://127.0.0.1:4317",
             "timeoutSeconds": 2.5,
             "args": {"labels": {"a": "b"}},
             "dns": {"nameservers": ["10.96.0.10"]},
@@ -480,6 +495,7 @@ mod tests {
         assert_eq!(conf.del_queue_dir, PathBuf::from("/tmp/x/q"));
         assert_eq!(conf.mtu, Some(1450));
         assert_eq!(conf.log_level, LogLevel::Debug);
+        assert_eq!(conf.otlp_endpoint.as_deref(), Some("http://127.0.0.1:4317"));
         assert_eq!(conf.timeout_for(Command::Add), Duration::from_millis(2500));
         assert_eq!(conf.timeout_for(Command::Del), Duration::from_millis(2500));
         assert_eq!(
@@ -582,6 +598,8 @@ mod tests {
             json!({"delQueueDir": "q"}),
             json!({"logFile": "log"}),
             json!({"logLevel": "loud"}),
+            json!({"otlpEndpoint": "collector:4317"}),
+            json!({"otlpEndpoint": 4317}),
             json!({"mtu": 0}),
             json!({"mtu": 70000}),
             json!({"mtu": "1500"}),

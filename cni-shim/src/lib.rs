@@ -9,6 +9,9 @@
 //! written to an on-disk queue ([`del_queue`]) that datapath-svc replays
 //! when it starts; that module is public so datapath-svc can read it.
 //!
+//! With `otlpEndpoint` in the config, each invocation is a span ([`trace`])
+//! that datapath-svc continues, exported before the process exits.
+//!
 //! Spec versions 1.1.0 and 1.0.0 are spoken, and 0.4.0, 0.3.1 and 0.3.0 are
 //! accepted (results in their older format).
 
@@ -20,6 +23,7 @@ pub mod env;
 pub mod error;
 pub mod logging;
 pub mod result;
+pub mod trace;
 
 pub use commands::{Outcome, run};
 pub use error::CniError;

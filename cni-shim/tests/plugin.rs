@@ -682,3 +682,109 @@ async fn stale_socket_file_is_unreachable_not_a_hang() {
         run.elapsed
     );
 }
+
+/// An OTLP/gRPC collector that keeps what it is sent.
+#[derive(Clone, Default)]
+struct Collector {
+    spans: Arc<Mutex<Vec<opentelemetry_proto::tonic::trace::v1::Span>>>,
+}
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for Collector
+{
+    async fn export(
+        &self,
+        request: Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        Response<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse>,
+        Status,
+    > {
+        let mut spans = self.spans.lock().expect("lock");
+        for rs in request.into_inner().resource_spans {
+            for ss in rs.scope_spans {
+                spans.extend(ss.spans);
+            }
+        }
+        Ok(Response::new(Default::default()))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test]
+async fn with_an_otlp_endpoint_the_plugin_exports_its_span_and_is_the_parent() {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+    let h = Harness::start(Behaviour::Ok).await;
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(
+        Server::builder()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut conf = h.config("1.1.0");
+    conf["otlpEndpoint"] = json!(endpoint);
+    let mut vars = attachment_env("ADD");
+    vars.push((
+        "CNI_ARGS",
+        "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0;IgnoreUnknown=1",
+    ));
+    vars.push((
+        "TRACEPARENT",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    ));
+
+    let run = run_plugin(&vars, &conf.to_string()).await;
+    assert_eq!(run.exit_code, 0, "{}", run.stdout);
+    // Exported before the process exited: no waiting here.
+    let spans = collector.spans.lock().expect("lock").clone();
+    assert_eq!(spans.len(), 1, "{spans:?}");
+    let span = &spans[0];
+    assert_eq!(span.name, "CNI ADD");
+    assert_eq!(hex(&span.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(hex(&span.parent_span_id), "00f067aa0ba902b7");
+    assert!(span.attributes.iter().any(|a| a.key == "k8s.pod.name"));
+    let calls = h.calls();
+    assert_eq!(
+        calls[0].traceparent.as_deref(),
+        Some(
+            format!(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-{}-01",
+                hex(&span.span_id)
+            )
+            .as_str()
+        ),
+        "datapath-svc's parent is the plugin's span"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_collector_does_not_fail_the_call() {
+    let h = Harness::start(Behaviour::Ok).await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    let mut conf = h.config("1.1.0");
+    conf["otlpEndpoint"] = json!(format!("http://{addr}"));
+    let run = run_plugin(&attachment_env("ADD"), &conf.to_string()).await;
+    assert_eq!(run.exit_code, 0, "{}", run.stdout);
+    assert!(run.elapsed < Duration::from_secs(3), "{:?}", run.elapsed);
+    // A new trace was started and handed on.
+    let calls = h.calls();
+    assert!(
+        calls[0]
+            .traceparent
+            .as_deref()
+            .is_some_and(|t| t.starts_with("00-") && t.ends_with("-01")),
+        "{:?}",
+        calls[0].traceparent
+    );
+}

@@ -1,6 +1,8 @@
 //! gRPC server set-up shared by every service: the standard health service,
 //! reflection (v1 and v1alpha, so both current grpcurl and grpcurl 1.8
-//! work), and graceful shutdown on TCP or on a unix socket.
+//! work), a span per request that continues the caller's trace
+//! ([`crate::trace::server_span`]), and graceful shutdown on TCP or on a
+//! unix socket.
 
 use std::{convert::Infallible, net::SocketAddr, os::unix::fs::PermissionsExt as _, path::Path};
 
@@ -90,6 +92,7 @@ impl GrpcServer {
         tracing::info!(%addr, services = ?self.names, "gRPC listening");
         let (routes, health, names) = self.into_parts();
         let result = Server::builder()
+            .trace_fn(crate::trace::server_span)
             .add_routes(routes)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), {
                 let health = health.clone();
@@ -122,6 +125,7 @@ impl GrpcServer {
         tracing::info!(path = %path.display(), services = ?self.names, "gRPC listening on unix socket");
         let (routes, health, names) = self.into_parts();
         let result = Server::builder()
+            .trace_fn(crate::trace::server_span)
             .add_routes(routes)
             .serve_with_incoming_shutdown(UnixListenerStream::new(listener), {
                 let health = health.clone();

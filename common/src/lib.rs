@@ -16,4 +16,5 @@ pub mod netns;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod trace;
 pub mod watch;

@@ -61,16 +61,19 @@ pub fn init(args: &CommonArgs, service: &'static str) -> anyhow::Result<Telemetr
                 .build(),
         )
     };
-    let otel = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service)));
+    // Spans are exported at info and above whatever `--log-level` says:
+    // quieting the logs must not break the traces other services continue.
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer(service))
+            .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
+    });
     opentelemetry::global::set_text_map_propagator(
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
 
     tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
+        .with(fmt.with_filter(filter))
         .with(otel)
         .try_init()
         .context("installing the tracing subscriber")?;

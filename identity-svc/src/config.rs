@@ -4,6 +4,16 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use weft_common::config::CommonArgs;
 
+/// Where identities are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    /// A sled database under `--state-dir` (one replica; the local lab).
+    Sled,
+    /// SecurityIdentity custom resources in the Kubernetes API (any number
+    /// of replicas; a cluster).
+    Kubernetes,
+}
+
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
     name = "identity-svc",
@@ -27,6 +37,15 @@ pub struct Args {
     #[arg(long, env = "WEFT_WATCHER", default_value = "http://127.0.0.1:9400")]
     pub watcher: String,
 
+    /// Where identities are kept.
+    #[arg(long, env = "WEFT_STORE", value_enum, default_value_t = StoreKind::Sled)]
+    pub store: StoreKind,
+
+    /// The kubeconfig for `--store kubernetes`; without it the configuration
+    /// is inferred (`$KUBECONFIG`, `~/.kube/config`, then in-cluster).
+    #[arg(long, env = "WEFT_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
     /// How long an identity nobody references is kept before it is
     /// collected: seconds, or a value like `90s`, `15m`, `1h30m`, `500ms`.
     #[arg(long, env = "WEFT_IDENTITY_GC_GRACE_PERIOD", default_value = "15m", value_parser = parse_duration)]
@@ -49,6 +68,8 @@ pub struct Config {
     pub gc_grace_period: Duration,
     pub gc_interval: Duration,
     pub metrics_listen: Option<SocketAddr>,
+    pub store: StoreKind,
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl Config {
@@ -59,7 +80,14 @@ impl Config {
         if args.watcher.trim().is_empty() {
             anyhow::bail!("--watcher: must not be empty");
         }
+        if let Some(path) = &args.kubeconfig
+            && !path.is_file()
+        {
+            anyhow::bail!("--kubeconfig: {} is not a readable file", path.display());
+        }
         Ok(Self {
+            store: args.store,
+            kubeconfig: args.kubeconfig.clone(),
             listen: args.listen,
             state_dir: args.state_dir.clone(),
             watcher: args.watcher.clone(),

@@ -39,6 +39,7 @@ fn status(e: IdentityError) -> Status {
     match e {
         IdentityError::Exhausted(_) => Status::resource_exhausted(e.to_string()),
         IdentityError::Failed => Status::unavailable(e.to_string()),
+        IdentityError::Contended => Status::aborted(e.to_string()),
         IdentityError::Store(e) => Status::internal(e.to_string()),
     }
 }

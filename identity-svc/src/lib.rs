@@ -6,9 +6,35 @@
 //! identity nobody references is collected after a grace period, and only
 //! then may its number go to another set. Everything is durable in an
 //! [`store::IdentityStore`] before anyone hears of it.
+//!
+//! # The two stores
+//!
+//! - `--store sled` (the default, and the local lab): a sled database under
+//!   `--state-dir`; a batch is applied atomically and flushed before anyone
+//!   hears of it. One replica owns it.
+//! - `--store kubernetes` (a cluster): one `SecurityIdentity` custom
+//!   resource (`weft.io/v1alpha1`, CRD in `deploy/crds/`) per identity,
+//!   named after its number, holding its labels and owners, in the API
+//!   server found through `--kubeconfig` or the in-cluster configuration.
+//!   The API is the truth; a restarted replica reloads from it.
+//!
+//! # Replicas
+//!
+//! Any number of replicas may run against the same API without a leader:
+//! a number is claimed by creating the object named after it (only one
+//! create of a name succeeds), a set's number is reported only once a
+//! consistent read shows its object is the set's oldest, owner changes
+//! carry the resourceVersion they were computed from (409 Conflict: re-read
+//! and retry), collection deletes only an unchanged object, and every
+//! replica watches the objects and reloads when another replica changed
+//! them, so all converge on one table and stream it. The grace period of an
+//! unreferenced identity is timed by each replica from when it saw the last
+//! reference go (a restart starts it again: collection is only ever late).
+//! See [`kube_store`] for the argument.
 
 pub mod config;
 pub mod grpc;
+pub mod kube_store;
 pub mod metrics;
 pub mod pods;
 pub mod state;
@@ -24,10 +50,13 @@ use tokio_util::sync::CancellationToken;
 use weft_common::{grpc::GrpcServer, shutdown::Shutdown};
 use weft_proto::watcher::v1::Kind;
 
-pub use config::{Args, Config};
+pub use config::{Args, Config, StoreKind};
 
 /// How long open gRPC connections get to close after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// How long after a change by another replica the table is reloaded.
+const RESYNC_DEBOUNCE: Duration = Duration::from_millis(100);
 
 /// Runs the service as the binary does: validates the flags (and stops there
 /// with `--check-config`), sets up logging and signals, and serves until
@@ -56,9 +85,31 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.state_dir)
-        .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
-    let store = store::SledIdentityStore::open(&config.state_dir)?;
+    match config.store {
+        StoreKind::Sled => {
+            std::fs::create_dir_all(&config.state_dir)
+                .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
+            let store = store::SledIdentityStore::open(&config.state_dir)?;
+            serve_with(store, config, listener, shutdown).await
+        }
+        StoreKind::Kubernetes => {
+            let client = weft_k8s::client::connect(config.kubeconfig.as_deref())
+                .await
+                .context("connecting to the Kubernetes API")?;
+            let store = kube_store::KubeIdentityStore::start(client, shutdown.clone());
+            serve_with(store, config, listener, shutdown).await
+        }
+    }
+}
+
+/// [`serve`] over a store the caller opened.
+pub async fn serve_with<S: store::IdentityStore>(
+    store: S,
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let changes = store.changes();
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::Metrics::new(&mut registry);
     let ids = Arc::new(state::Identities::open(store, metrics, config.gc_grace_period).await?);
@@ -84,6 +135,12 @@ pub async fn serve(
         collect_every(ids.clone(), config.gc_interval, shutdown.clone()),
     ));
 
+    let resyncer = tokio::spawn(stop_on_error(
+        "identity resync",
+        shutdown.clone(),
+        resync_on_changes(ids.clone(), changes, shutdown.clone()),
+    ));
+
     let server = GrpcServer::new()
         .add_service(grpc::IdentityService::new(ids, shutdown.clone()).server())
         .serve_tcp(listener, shutdown.clone());
@@ -102,9 +159,11 @@ pub async fn serve(
     shutdown.cancel();
     let followed = follower.await.context("pod follower panicked")?;
     let collected = collector.await.context("identity collector panicked")?;
+    let resynced = resyncer.await.context("identity resync panicked")?;
     served?;
     followed?;
     collected?;
+    resynced?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -121,6 +180,31 @@ async fn stop_on_error(
     }
     shutdown.cancel();
     result
+}
+
+/// Reloads the table shortly after another replica changed the shared
+/// store (a burst of changes costs one reload).
+async fn resync_on_changes<S: store::IdentityStore>(
+    ids: Arc<state::Identities<S>>,
+    changes: Option<tokio::sync::watch::Receiver<u64>>,
+    shutdown: CancellationToken,
+) -> Result<(), state::IdentityError> {
+    let Some(mut changes) = changes else {
+        shutdown.cancelled().await;
+        return Ok(());
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            r = changes.changed() => if r.is_err() { return Ok(()) },
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(RESYNC_DEBOUNCE) => {}
+        }
+        changes.borrow_and_update();
+        ids.resync().await?;
+    }
 }
 
 /// Sweeps unreferenced identities every `interval`.

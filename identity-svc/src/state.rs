@@ -6,17 +6,30 @@
 //! commit fails, memory may be ahead of the disk; rather than guess, the
 //! table refuses further use and the service stops, to come back from what
 //! is on disk.
+//!
+//! With a shared store (other replicas write too) a commit can come back
+//! [`Committed::Diverged`]: the table is rebuilt from the store's answer,
+//! subscribers are told what differs, and the operation runs again on the
+//! true table, a few rounds at most. Changes other replicas make reach
+//! this one's table and `Watch` stream through [`Identities::resync`].
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 
 use tokio::sync::{Mutex, MutexGuard, broadcast};
 use weft_proto::identity::v1::{IdentityEvent, SecurityIdentity, identity_event::Event};
 
 use crate::{
     metrics::Metrics,
-    store::{IdentityStore, StoreError},
+    store::{Committed, IdentityStore, StoreError},
     table::{Change, Exhausted, Labels, Table},
 };
+
+/// How often one operation runs again after losing races to other
+/// replicas before it gives up (the caller may retry).
+const MAX_ROUNDS: usize = 16;
 
 /// How many events a `Watch` subscriber may fall behind before it is cut off.
 const EVENT_BUFFER: usize = 8192;
@@ -29,6 +42,8 @@ pub enum IdentityError {
     Store(#[from] StoreError),
     #[error("an earlier store write failed; the service is stopping")]
     Failed,
+    #[error("other replicas kept changing the identities; try again")]
+    Contended,
 }
 
 struct Inner {
@@ -79,22 +94,80 @@ impl<S: IdentityStore> Identities<S> {
 
     /// Runs `f` on the table, makes what it changed durable, then reports it
     /// (metrics, logs, `Watch`). What `f` changed is committed even when it
-    /// returns an error for part of its work.
+    /// returns an error for part of its work. With a shared store that
+    /// another writer changed first, the table is rebuilt from the store and
+    /// `f` runs again, until it changes nothing or its changes hold.
     pub async fn update<T>(
         &self,
-        f: impl FnOnce(&mut Table, Instant, &mut Change) -> T,
+        mut f: impl FnMut(&mut Table, Instant, &mut Change) -> T,
     ) -> Result<T, IdentityError> {
         let mut inner = self.usable().await?;
-        let mut change = Change::default();
-        let out = f(&mut inner.table, Instant::now(), &mut change);
-        if !change.ops.is_empty()
-            && let Err(e) = self.store.commit(&change.ops).await
-        {
-            inner.failed = true;
-            return Err(e.into());
+        for _ in 0..MAX_ROUNDS {
+            let mut change = Change::default();
+            let out = f(&mut inner.table, Instant::now(), &mut change);
+            if change.ops.is_empty() {
+                self.publish(&inner.table, &change);
+                return Ok(out);
+            }
+            match self.store.commit(&change.ops).await {
+                Ok(Committed::AsPlanned) => {
+                    self.publish(&inner.table, &change);
+                    return Ok(out);
+                }
+                Ok(Committed::Diverged(stored)) => {
+                    tracing::info!(
+                        "another replica came first; running again on the store's table"
+                    );
+                    self.replace_table(&mut inner, stored);
+                }
+                Err(e) => {
+                    inner.failed = true;
+                    return Err(e.into());
+                }
+            }
         }
-        self.publish(&inner.table, &change);
-        Ok(out)
+        Err(IdentityError::Contended)
+    }
+
+    /// Reloads the table from the store (another replica changed it) and
+    /// tells subscribers what differs.
+    pub async fn resync(&self) -> Result<(), IdentityError> {
+        let mut inner = self.usable().await?;
+        match self.store.load().await {
+            Ok(stored) => {
+                self.replace_table(&mut inner, stored);
+                Ok(())
+            }
+            Err(e) => {
+                inner.failed = true;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Makes the table what the store holds and publishes the difference.
+    fn replace_table(&self, inner: &mut Inner, stored: crate::store::Stored) {
+        let next = inner
+            .table
+            .rebuilt(stored.identities, stored.owners, Instant::now());
+        let before: BTreeMap<u32, SecurityIdentity> =
+            inner.table.list().into_iter().map(|i| (i.id, i)).collect();
+        let after: BTreeMap<u32, SecurityIdentity> =
+            next.list().into_iter().map(|i| (i.id, i)).collect();
+        for (id, identity) in &after {
+            if before.get(id) != Some(identity) {
+                let _ = self.events.send(IdentityEvent {
+                    event: Some(Event::Upsert(identity.clone())),
+                });
+            }
+        }
+        for id in before.keys().filter(|id| !after.contains_key(*id)) {
+            let _ = self.events.send(IdentityEvent {
+                event: Some(Event::Delete(*id)),
+            });
+        }
+        inner.table = next;
+        self.metrics.identities.set(inner.table.len() as i64);
     }
 
     fn publish(&self, table: &Table, change: &Change) {
@@ -139,7 +212,10 @@ impl<S: IdentityStore> Identities<S> {
         owner: Option<&str>,
     ) -> Result<SecurityIdentity, IdentityError> {
         let got = self
-            .update(|t, now, c| t.allocate(labels, owner, now, c).map(|id| t.get(id)))
+            .update(|t, now, c| {
+                t.allocate(labels.clone(), owner, now, c)
+                    .map(|id| t.get(id))
+            })
             .await??;
         got.ok_or(IdentityError::Failed)
     }

@@ -1,9 +1,18 @@
 //! Where identities and owners live between runs.
 //!
-//! The table only speaks [`IdentityStore`]: today a sled database under the
-//! state directory, later Kubernetes custom resources (with sled as the local
-//! cache). A backend's `commit` applies a batch atomically and returns only
-//! once it is durable; the service acknowledges nothing before that.
+//! The table only speaks [`IdentityStore`], with two backends: a sled
+//! database under the state directory (the lab, one replica), and
+//! SecurityIdentity custom resources in the Kubernetes API
+//! ([`crate::kube_store::KubeIdentityStore`], a cluster, any number of
+//! replicas). A backend's `commit` returns only once the batch is durable;
+//! the service acknowledges nothing before that.
+//!
+//! A private store (sled) applies a batch atomically and is the truth by
+//! construction. A shared store may find that another writer got there
+//! first (a number taken, a label set claimed under another number, an
+//! identity changed or collected meanwhile); its `commit` then answers
+//! [`Committed::Diverged`] with the whole table as it stands, and the
+//! service plans again from that.
 
 use std::{collections::BTreeMap, future::Future, path::Path};
 
@@ -33,10 +42,23 @@ pub struct Stored {
     pub owners: Vec<(String, u32)>,
 }
 
+/// How a commit went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Committed {
+    /// Every op took effect as given.
+    AsPlanned,
+    /// Another writer came first somewhere; this is everything the store
+    /// now holds, and nothing of the plan may be reported unless it is in
+    /// here.
+    Diverged(Stored),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(transparent)]
     Sled(#[from] SledError),
+    #[error("Kubernetes API: {0}")]
+    Api(String),
     #[error("identity store: corrupt record under {key:?}: {reason}")]
     Corrupt { key: String, reason: String },
 }
@@ -51,8 +73,14 @@ impl From<sled::Error> for StoreError {
 pub trait IdentityStore: Send + Sync + 'static {
     fn load(&self) -> impl Future<Output = Result<Stored, StoreError>> + Send;
 
-    /// Applies `ops` as one atomic batch and returns once it is durable.
-    fn commit(&self, ops: &[Op]) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Applies `ops` and returns once they are durable.
+    fn commit(&self, ops: &[Op]) -> impl Future<Output = Result<Committed, StoreError>> + Send;
+
+    /// Ticks whenever another writer may have changed the store; `None`
+    /// for a private store.
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// The sled backend: one tree, so a batch is atomic. Keys are
@@ -125,7 +153,7 @@ impl IdentityStore for SledIdentityStore {
         Ok(out)
     }
 
-    async fn commit(&self, ops: &[Op]) -> Result<(), StoreError> {
+    async fn commit(&self, ops: &[Op]) -> Result<Committed, StoreError> {
         let mut batch = sled::Batch::default();
         for op in ops {
             match op {
@@ -147,7 +175,7 @@ impl IdentityStore for SledIdentityStore {
         }
         self.tree.apply_batch(batch)?;
         self.store.flush().await?;
-        Ok(())
+        Ok(Committed::AsPlanned)
     }
 }
 

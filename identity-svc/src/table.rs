@@ -135,6 +135,29 @@ impl Table {
         }
     }
 
+    /// A table holding what a store holds, allocating from the same range;
+    /// identities that were unreferenced here and still are keep the time
+    /// their grace period started.
+    pub fn rebuilt(
+        &self,
+        identities: Vec<(u32, Labels)>,
+        owners: Vec<(String, u32)>,
+        now: Instant,
+    ) -> Table {
+        let mut t = Table::new(self.min, self.max);
+        t.restore(identities, owners, now);
+        for (id, entry) in t.ids.iter_mut() {
+            if entry.refs == 0
+                && let Some(old) = self.ids.get(id)
+                && old.key == entry.key
+                && old.unreferenced_since.is_some()
+            {
+                entry.unreferenced_since = old.unreferenced_since;
+            }
+        }
+        t
+    }
+
     /// The number of allocated (not reserved) identities.
     pub fn len(&self) -> usize {
         self.ids.len()

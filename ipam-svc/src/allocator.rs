@@ -76,6 +76,11 @@ impl Allocator {
         &self.pools
     }
 
+    /// The size of the blocks carved out of the pools.
+    pub fn mask(&self) -> u8 {
+        self.mask
+    }
+
     /// The allocation overlapping `cidr`, if any.
     pub fn overlapping(&self, cidr: Ipv4Net) -> Option<(Ipv4Net, &str)> {
         let (_, (held, holder)) = self.by_start.range(..=cidr.broadcast()).next_back()?;

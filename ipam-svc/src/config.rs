@@ -29,6 +29,16 @@ impl Mode {
     }
 }
 
+/// Where allocations are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    /// A sled database under `--state-dir` (one replica; the local lab).
+    Sled,
+    /// NodeCIDR custom resources in the Kubernetes API (any number of
+    /// replicas; a cluster).
+    Kubernetes,
+}
+
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "ipam-svc", version, about = "Hands each node a pod CIDR.")]
 pub struct Args {
@@ -43,6 +53,15 @@ pub struct Args {
     /// svc-watcher's gRPC endpoint (`http://host:port` or `unix:///path`).
     #[arg(long, env = "WEFT_WATCHER", default_value = "http://127.0.0.1:9400")]
     pub watcher: String,
+
+    /// Where allocations are kept.
+    #[arg(long, env = "WEFT_STORE", value_enum, default_value_t = StoreKind::Sled)]
+    pub store: StoreKind,
+
+    /// The kubeconfig for `--store kubernetes`; without it the configuration
+    /// is inferred (`$KUBECONFIG`, `~/.kube/config`, then in-cluster).
+    #[arg(long, env = "WEFT_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
 
     /// Where node CIDRs come from.
     #[arg(long, env = "WEFT_IPAM_MODE", value_enum, default_value_t = Mode::ClusterPool)]
@@ -139,6 +158,8 @@ pub struct Config {
     pub pools: Vec<Ipv4Net>,
     pub mask: u8,
     pub metrics_listen: Option<SocketAddr>,
+    pub store: StoreKind,
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl Config {
@@ -156,7 +177,14 @@ impl Config {
         if args.watcher.trim().is_empty() {
             anyhow::bail!("--watcher: must not be empty");
         }
+        if let Some(path) = &args.kubeconfig
+            && !path.is_file()
+        {
+            anyhow::bail!("--kubeconfig: {} is not a readable file", path.display());
+        }
         Ok(Self {
+            store: args.store,
+            kubeconfig: args.kubeconfig.clone(),
             listen: args.listen,
             state_dir: args.state_dir.clone(),
             watcher: args.watcher.clone(),

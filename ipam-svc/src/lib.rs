@@ -5,10 +5,31 @@
 //! Nodes come from svc-watcher; allocations live in a [`store::CidrStore`]
 //! and are durable before anyone hears of them, so a restart (or a crash)
 //! never hands one block to two nodes and never loses one it reported.
+//!
+//! # The two stores
+//!
+//! - `--store sled` (the default, and the local lab): a sled database under
+//!   `--state-dir`, flushed before an allocation is reported. One replica
+//!   owns it.
+//! - `--store kubernetes` (a cluster): one `NodeCIDR` custom resource
+//!   (`weft.io/v1alpha1`, CRD in `deploy/crds/`) per allocation, in the API
+//!   server found through `--kubeconfig` or the in-cluster configuration.
+//!   The API is the truth; a restarted replica reloads from it.
+//!
+//! # Replicas
+//!
+//! Any number of replicas may run against the same API without a leader:
+//! a block is claimed by creating the object named after it (only one
+//! create of a name succeeds), a node's claim is reported only once a
+//! consistent read shows it is the node's oldest, deletes carry the
+//! resourceVersion they saw, and each replica watches the NodeCIDRs and
+//! reloads when another replica changed them, so all replicas converge on
+//! the same table and stream it. See [`kube_store`] for the argument.
 
 pub mod allocator;
 pub mod config;
 pub mod grpc;
+pub mod kube_store;
 pub mod metrics;
 pub mod nodes;
 pub mod state;
@@ -25,7 +46,10 @@ use weft_proto::watcher::v1::Kind;
 /// How long open gRPC connections get to close after SIGTERM.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
-pub use config::{Args, Config, Mode};
+/// How long after a change by another replica the table is reloaded.
+const RESYNC_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(100);
+
+pub use config::{Args, Config, Mode, StoreKind};
 
 /// Runs the service as the binary does: validates the flags (and stops there
 /// with `--check-config`), sets up logging and signals, and serves until
@@ -60,9 +84,31 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.state_dir)
-        .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
-    let store = store::SledCidrStore::open(&config.state_dir)?;
+    match config.store {
+        StoreKind::Sled => {
+            std::fs::create_dir_all(&config.state_dir)
+                .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
+            let store = store::SledCidrStore::open(&config.state_dir)?;
+            serve_with(store, config, listener, shutdown).await
+        }
+        StoreKind::Kubernetes => {
+            let client = weft_k8s::client::connect(config.kubeconfig.as_deref())
+                .await
+                .context("connecting to the Kubernetes API")?;
+            let store = kube_store::KubeCidrStore::start(client, shutdown.clone());
+            serve_with(store, config, listener, shutdown).await
+        }
+    }
+}
+
+/// [`serve`] over a store the caller opened.
+pub async fn serve_with<S: store::CidrStore>(
+    store: S,
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let changes = store.changes();
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::Metrics::new(&mut registry);
     let ipam = Arc::new(
@@ -100,6 +146,34 @@ pub async fn serve(
         }
     });
 
+    // Another replica changed the shared store: reload, shortly (a burst of
+    // changes costs one reload).
+    let resyncer = tokio::spawn({
+        let ipam = ipam.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            let Some(mut changes) = changes else {
+                return Ok(());
+            };
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    r = changes.changed() => if r.is_err() { return Ok(()) },
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(RESYNC_DEBOUNCE) => {}
+                }
+                changes.borrow_and_update();
+                if let Err(e) = ipam.resync().await {
+                    tracing::error!(error = %e, "reloading the allocations failed; stopping");
+                    shutdown.cancel();
+                    return Err(e);
+                }
+            }
+        }
+    });
+
     let server = GrpcServer::new()
         .add_service(grpc::IpamService::new(ipam, shutdown.clone()).server())
         .serve_tcp(listener, shutdown.clone());
@@ -117,8 +191,10 @@ pub async fn serve(
     };
     shutdown.cancel();
     let followed = follower.await.context("node follower panicked")?;
+    let resynced = resyncer.await.context("resync task panicked")?;
     served?;
     followed?;
+    resynced?;
     tracing::info!("stopped");
     Ok(())
 }

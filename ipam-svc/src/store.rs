@@ -1,9 +1,16 @@
 //! Where allocations live between runs.
 //!
-//! The allocator only speaks [`CidrStore`]: today a sled database under the
-//! state directory, later Kubernetes custom resources (with sled as the local
-//! cache). A backend's `commit` returns only once the writes are durable, and
-//! the service acknowledges nothing before that.
+//! The allocator only speaks [`CidrStore`], with two backends: a sled
+//! database under the state directory (the lab, a single replica), and
+//! NodeCIDR custom resources in the Kubernetes API
+//! ([`crate::kube_store::KubeCidrStore`], the cluster, any number of
+//! replicas). A backend's `commit` returns only once the writes are
+//! durable, and the service acknowledges nothing before that.
+//!
+//! A private store (sled) is the truth by construction: what the service
+//! planned is what happened. A shared store may find that another writer
+//! got there first; its `commit` then says so with the table as it really
+//! stands ([`Committed::Diverged`]), and the service plans again from that.
 
 use std::{future::Future, path::Path};
 
@@ -18,10 +25,23 @@ pub enum CidrOp {
     Remove { node: String },
 }
 
+/// How a commit went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Committed {
+    /// Every op took effect as given.
+    AsPlanned,
+    /// Another writer sharing the store came first somewhere; this is every
+    /// allocation as it now stands, and nothing of the plan is to be
+    /// reported unless it is in here.
+    Diverged(Vec<(String, Ipv4Net)>),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(transparent)]
     Sled(#[from] SledError),
+    #[error("Kubernetes API: {0}")]
+    Api(String),
     #[error("stored allocation of node {node:?} has an invalid CIDR {cidr:?}")]
     BadRecord { node: String, cidr: String },
 }
@@ -32,7 +52,22 @@ pub trait CidrStore: Send + Sync + 'static {
     fn load(&self) -> impl Future<Output = Result<Vec<(String, Ipv4Net)>, StoreError>> + Send;
 
     /// Applies `ops` in order and returns once they are durable.
-    fn commit(&self, ops: &[CidrOp]) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn commit(&self, ops: &[CidrOp]) -> impl Future<Output = Result<Committed, StoreError>> + Send;
+
+    /// Whether the cluster still has `node`, asked before its CIDR is
+    /// released. A replica's view of the nodes can lag another's; a shared
+    /// store checks with the API so that a lagging replica does not take a
+    /// block from a node that has only just appeared. A private store has
+    /// no one to disagree with.
+    fn node_exists(&self, _node: &str) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        async { Ok(false) }
+    }
+
+    /// Ticks whenever another writer may have changed the store; `None`
+    /// for a private store.
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// The sled backend: one tree, node name → `NodeAllocation`.
@@ -71,7 +106,7 @@ impl CidrStore for SledCidrStore {
             .collect()
     }
 
-    async fn commit(&self, ops: &[CidrOp]) -> Result<(), StoreError> {
+    async fn commit(&self, ops: &[CidrOp]) -> Result<Committed, StoreError> {
         for op in ops {
             match op {
                 CidrOp::Put { node, cidr } => self.nodes.insert(
@@ -87,7 +122,7 @@ impl CidrStore for SledCidrStore {
             }
         }
         self.store.flush().await?;
-        Ok(())
+        Ok(Committed::AsPlanned)
     }
 }
 

@@ -1,8 +1,8 @@
 //! svc-watcher: turns cluster state into weft's typed, versioned event
 //! stream (`weft.watcher.v1.Watcher`).
 //!
-//! A [`source::Source`] (the lab's manifest directory today, the Kubernetes
-//! API later) feeds a [`state::StateStore`]; the store keeps the objects, a
+//! A [`source::Source`] (the lab's manifest directory, or the Kubernetes
+//! API through kube-rs watchers) feeds a [`state::StateStore`]; the store keeps the objects, a
 //! revision and a bounded delta history; [`server::WatcherService`] serves
 //! snapshots, resumed deltas and live deltas from it to ipam-svc,
 //! identity-svc and every datapath-svc.
@@ -25,7 +25,7 @@ pub mod subscription;
 use crate::{
     metrics::Metrics,
     server::WatcherService,
-    source::{Source, SourceError, manifests::ManifestSource},
+    source::{Source, SourceError, kubernetes::KubeSource, manifests::ManifestSource},
     state::StateStore,
 };
 
@@ -34,6 +34,9 @@ use crate::{
 pub enum SourceKind {
     /// A directory of Kubernetes manifests (the local lab).
     Manifests,
+    /// The Kubernetes API (`--kubeconfig`, or the inferred configuration:
+    /// `$KUBECONFIG`, `~/.kube/config`, then in-cluster).
+    Kubernetes,
 }
 
 #[derive(Debug, Clone, clap::Parser)]
@@ -55,6 +58,12 @@ pub struct Args {
     #[arg(long, env = "WEFT_MANIFESTS_DIR")]
     pub manifests_dir: Option<PathBuf>,
 
+    /// The kubeconfig to use with `--source kubernetes`; without it the
+    /// configuration is inferred (`$KUBECONFIG`, `~/.kube/config`, then the
+    /// in-cluster service account).
+    #[arg(long, env = "WEFT_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
     /// How many delta events to keep for subscribers that resume; one that
     /// is further behind gets a snapshot.
     #[arg(long, env = "WEFT_HISTORY", default_value_t = 10_000)]
@@ -68,6 +77,7 @@ pub struct Args {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceConfig {
     Manifests { dir: PathBuf },
+    Kubernetes { kubeconfig: Option<PathBuf> },
 }
 
 /// Validated settings.
@@ -103,6 +113,18 @@ impl Args {
                     dir.display()
                 );
                 SourceConfig::Manifests { dir }
+            }
+            SourceKind::Kubernetes => {
+                if let Some(path) = &self.kubeconfig {
+                    anyhow::ensure!(
+                        path.is_file(),
+                        "--kubeconfig: {} is not a readable file",
+                        path.display()
+                    );
+                }
+                SourceConfig::Kubernetes {
+                    kubeconfig: self.kubeconfig.clone(),
+                }
             }
         };
         Ok(Config {
@@ -162,6 +184,13 @@ pub async fn serve(
     match &config.source {
         SourceConfig::Manifests { dir } => {
             let source = ManifestSource::new(dir.clone(), metrics.clone());
+            serve_source(source, store, listener, metrics, shutdown).await
+        }
+        SourceConfig::Kubernetes { kubeconfig } => {
+            let client = weft_k8s::client::connect(kubeconfig.as_deref())
+                .await
+                .context("connecting to the Kubernetes API")?;
+            let source = KubeSource::new(client, metrics.clone());
             serve_source(source, store, listener, metrics, shutdown).await
         }
     }

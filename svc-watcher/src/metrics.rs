@@ -37,6 +37,8 @@ pub struct Metrics {
     subscribers: Gauge,
     invalid: Family<InvalidLabels, Counter>,
     revision: Gauge,
+    relists: Family<KindLabels, Counter>,
+    watch_errors: Family<KindLabels, Counter>,
 }
 
 impl Metrics {
@@ -73,7 +75,38 @@ impl Metrics {
             "The current revision of the state",
             m.revision.clone(),
         );
+        registry.register(
+            "weft_watcher_relists",
+            "Full lists of a kind after the first (the watch could not resume: 410 Gone, or a restart of the watch)",
+            m.relists.clone(),
+        );
+        registry.register(
+            "weft_watcher_watch_errors",
+            "Errors of the Kubernetes watch, by kind (each is retried with back-off)",
+            m.watch_errors.clone(),
+        );
         m
+    }
+
+    fn kind_labels(kind: Kind) -> KindLabels {
+        KindLabels {
+            kind: kind_name(kind).to_string(),
+        }
+    }
+
+    pub(crate) fn relist(&self, kind: Kind) {
+        self.relists.get_or_create(&Self::kind_labels(kind)).inc();
+    }
+
+    pub(crate) fn watch_error(&self, kind: Kind) {
+        self.watch_errors
+            .get_or_create(&Self::kind_labels(kind))
+            .inc();
+    }
+
+    /// Relists of `kind` so far.
+    pub fn relists(&self, kind: Kind) -> u64 {
+        self.relists.get_or_create(&Self::kind_labels(kind)).get()
     }
 
     pub(crate) fn set_objects(&self, kind: Kind, count: usize) {

@@ -12,6 +12,8 @@ use std::{
 
 use weft_lab::{Lab, LabConfig};
 
+pub mod otlp;
+
 /// Where `cargo build` put the binaries: `WEFT_BIN_DIR`, or the directory
 /// above this test executable's `deps/`.
 pub fn bin_dir() -> PathBuf {
@@ -44,12 +46,19 @@ impl TestLab {
     /// Brings up a lab named after the test (kept short: it prefixes
     /// namespaces and node names).
     pub async fn up(test: &str, nodes: usize) -> Self {
+        Self::up_with(test, nodes, |_| {}).await
+    }
+
+    /// Like [`TestLab::up`], with the lab's configuration adjusted by
+    /// `configure` first (an OTLP endpoint, say).
+    pub async fn up_with(test: &str, nodes: usize, configure: impl FnOnce(&mut LabConfig)) -> Self {
         require_root();
         let name = format!("t{}", short_hash(test));
         let run_dir = std::env::temp_dir().join("weft-e2e").join(&name);
         let mut cfg = LabConfig::new(&name, run_dir, bin_dir());
         cfg.nodes = nodes;
         cfg.log_level = "info,weft=debug".into();
+        configure(&mut cfg);
         let lab = match Lab::up(cfg).await {
             Ok(lab) => lab,
             Err(e) => {

@@ -1,8 +1,8 @@
 //! Where the cluster state comes from.
 //!
 //! A [`Source`] feeds the [`StateStore`], which is the same whatever the
-//! source: the manifest directory of the local lab now, the Kubernetes API
-//! (kube-rs list/watch) later. A source signals once the store holds its
+//! source: the manifest directory of the local lab or the Kubernetes API
+//! (kube-rs list/watch). A source signals once the store holds its
 //! complete current state, so that the first snapshot a subscriber gets is
 //! the whole cluster and not whatever had been read so far.
 
@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::state::{StateError, StateStore};
 
 pub mod documents;
+pub mod kubernetes;
 pub mod manifests;
 
 /// A producer of cluster state.

@@ -72,13 +72,17 @@ pub struct Watcher {
 
 impl Watcher {
     pub fn start(manifests: &Path) -> Self {
+        Self::start_with(&["--manifests-dir".as_ref(), manifests.as_os_str()])
+    }
+
+    /// Runs the binary with `args` (plus listen addresses from the env).
+    pub fn start_with(args: &[&std::ffi::OsStr]) -> Self {
         let logdir = tempfile::tempdir().unwrap();
         let log = logdir.path().join("svc-watcher.log");
         let addr = format!("127.0.0.1:{}", free_port());
         let metrics_addr = format!("127.0.0.1:{}", free_port());
         let child = Command::new(BIN)
-            .arg("--manifests-dir")
-            .arg(manifests)
+            .args(args)
             .env("WEFT_LISTEN", &addr)
             .env("WEFT_METRICS_LISTEN", &metrics_addr)
             .env("WEFT_LOG_LEVEL", "info")

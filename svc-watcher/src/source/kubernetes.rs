@@ -1,0 +1,267 @@
+//! The Kubernetes API as a [`Source`]: one kube-rs watcher per kind.
+//!
+//! kube-rs's `runtime::watcher` does the protocol work: it lists, then
+//! watches from the list's resourceVersion with bookmarks on, so a
+//! reconnect resumes where it was; a `410 Gone` (the resume point was
+//! compacted away) makes it list again, and errors back off
+//! (`default_backoff`). This module turns its events into store writes:
+//!
+//! - a (re)list arrives as `Init`, `InitApply`..., `InitDone`; the objects
+//!   are buffered and handed to [`StateStore::replace_kind_set`] at
+//!   `InitDone`, so objects deleted while the watch was down disappear and
+//!   subscribers never see a half-listed kind;
+//! - `Apply` and `Delete` become single [`Change`]s.
+//!
+//! The source reports synced only once every kind has completed its first
+//! list: a subscriber's first snapshot is the whole cluster. Objects that
+//! fail conversion are refused as in the manifest source: counted, logged,
+//! and the version stored before (if any) is kept.
+
+use std::{fmt::Debug, sync::Arc};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
+};
+use kube::{
+    Api, Client, ResourceExt as _,
+    runtime::{WatchStreamExt as _, watcher},
+};
+use serde::de::DeserializeOwned;
+use tokio::{
+    sync::{mpsc, oneshot},
+    task::JoinSet,
+};
+use tokio_util::sync::CancellationToken;
+use weft_common::watch::ObjKey;
+use weft_proto::watcher::v1::{Kind, Resource};
+
+use super::{Source, SourceError};
+use crate::{
+    convert::{self, ConvertError, kind_name},
+    metrics::Metrics,
+    state::{Change, KindSet, StateStore},
+};
+
+/// The Kubernetes API through `client`.
+pub struct KubeSource {
+    client: Client,
+    metrics: Metrics,
+}
+
+impl KubeSource {
+    pub fn new(client: Client, metrics: Metrics) -> Self {
+        Self { client, metrics }
+    }
+}
+
+/// One kind to watch: its API, how to convert it, whether it is namespaced.
+struct Follow<K> {
+    api: Api<K>,
+    kind: Kind,
+    namespaced: bool,
+    convert: fn(&K) -> Result<Resource, ConvertError>,
+}
+
+/// What every per-kind task shares.
+#[derive(Clone)]
+struct Ctx {
+    store: Arc<StateStore>,
+    metrics: Metrics,
+    listed: mpsc::UnboundedSender<Kind>,
+    shutdown: CancellationToken,
+}
+
+impl Source for KubeSource {
+    fn name(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    async fn run(
+        self,
+        store: Arc<StateStore>,
+        synced: oneshot::Sender<()>,
+        shutdown: CancellationToken,
+    ) -> Result<(), SourceError> {
+        let (listed_tx, mut listed) = mpsc::unbounded_channel();
+        let ctx = Ctx {
+            store: store.clone(),
+            metrics: self.metrics.clone(),
+            listed: listed_tx,
+            shutdown: shutdown.clone(),
+        };
+        let c = &self.client;
+        let mut tasks = JoinSet::new();
+        tasks.spawn(follow(
+            Follow {
+                api: Api::<Service>::all(c.clone()),
+                kind: Kind::Service,
+                namespaced: true,
+                convert: convert::service,
+            },
+            ctx.clone(),
+        ));
+        tasks.spawn(follow(
+            Follow {
+                api: Api::<EndpointSlice>::all(c.clone()),
+                kind: Kind::EndpointSlice,
+                namespaced: true,
+                convert: convert::endpoint_slice,
+            },
+            ctx.clone(),
+        ));
+        tasks.spawn(follow(
+            Follow {
+                api: Api::<Pod>::all(c.clone()),
+                kind: Kind::Pod,
+                namespaced: true,
+                convert: convert::pod,
+            },
+            ctx.clone(),
+        ));
+        tasks.spawn(follow(
+            Follow {
+                api: Api::<Node>::all(c.clone()),
+                kind: Kind::Node,
+                namespaced: false,
+                convert: convert::node,
+            },
+            ctx.clone(),
+        ));
+        tasks.spawn(follow(
+            Follow {
+                api: Api::<Namespace>::all(c.clone()),
+                kind: Kind::Namespace,
+                namespaced: false,
+                convert: convert::namespace,
+            },
+            ctx.clone(),
+        ));
+        tasks.spawn(follow(
+            Follow {
+                api: Api::<NetworkPolicy>::all(c.clone()),
+                kind: Kind::NetworkPolicy,
+                namespaced: true,
+                convert: convert::network_policy,
+            },
+            ctx,
+        ));
+
+        let mut waiting = KindSet::all();
+        let mut synced = Some(synced);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(kind) = listed.recv(), if synced.is_some() => {
+                    let mut rest = KindSet::empty();
+                    for k in waiting.iter().filter(|k| *k != kind) {
+                        rest.insert(k);
+                    }
+                    waiting = rest;
+                    if waiting.iter().next().is_none() {
+                        tracing::info!(objects = store.len(), revision = store.revision(), "every kind listed");
+                        if let Some(s) = synced.take() {
+                            let _ = s.send(());
+                        }
+                    }
+                }
+                Some(done) = tasks.join_next() => {
+                    // A task ends only on a store error (a bug) or a panic.
+                    shutdown.cancel();
+                    return match done {
+                        Ok(r) => r,
+                        Err(e) => Err(SourceError::Task(e.to_string())),
+                    };
+                }
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.map_err(|e| SourceError::Task(e.to_string()))??;
+        }
+        Ok(())
+    }
+}
+
+/// The key an object has (or would have) in the store, read from its
+/// metadata alone so that refused objects can still be matched up.
+fn key_of<K: kube::Resource>(object: &K, kind: Kind, namespaced: bool) -> ObjKey {
+    let namespace = if namespaced {
+        match object.meta().namespace.as_deref() {
+            None | Some("") => "default".to_string(),
+            Some(ns) => ns.to_string(),
+        }
+    } else {
+        String::new()
+    };
+    ObjKey::new(kind, namespace, object.name_any())
+}
+
+/// Follows one kind until shutdown; an error is a store failure.
+async fn follow<K>(f: Follow<K>, ctx: Ctx) -> Result<(), SourceError>
+where
+    K: kube::Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let name = kind_name(f.kind);
+    let mut events = watcher(f.api.clone(), watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    let mut buffer: Vec<Resource> = Vec::new();
+    let mut lists = 0u64;
+    // Converts, or on refusal keeps what the store holds for that key.
+    let accept = |object: &K| -> Option<Resource> {
+        match (f.convert)(object) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                let key = key_of(object, f.kind, f.namespaced);
+                tracing::warn!(kind = name, object = %key, error = %e, "invalid object refused; keeping the version stored before, if any");
+                ctx.metrics.invalid(name, e.reason.as_str());
+                ctx.store.get(&key).map(|r| Resource::clone(&r))
+            }
+        }
+    };
+    loop {
+        let event = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return Ok(()),
+            e = events.next() => e,
+        };
+        let Some(event) = event else {
+            tracing::warn!(kind = name, "watch stream ended");
+            return Ok(());
+        };
+        match event {
+            Ok(watcher::Event::Init) => {
+                buffer.clear();
+                if lists > 0 {
+                    ctx.metrics.relist(f.kind);
+                    tracing::info!(kind = name, "listing again");
+                }
+            }
+            Ok(watcher::Event::InitApply(object)) => buffer.extend(accept(&object)),
+            Ok(watcher::Event::InitDone) => {
+                let objects = std::mem::take(&mut buffer);
+                let count = objects.len();
+                let changes = ctx.store.replace_kind_set(KindSet::of([f.kind]), objects)?;
+                lists += 1;
+                tracing::info!(kind = name, objects = count, changes, "listed");
+                if lists == 1 {
+                    let _ = ctx.listed.send(f.kind);
+                }
+            }
+            Ok(watcher::Event::Apply(object)) => {
+                if let Some(r) = accept(&object) {
+                    ctx.store.apply(Change::Upsert(r))?;
+                }
+            }
+            Ok(watcher::Event::Delete(object)) => {
+                ctx.store
+                    .apply(Change::Delete(key_of(&object, f.kind, f.namespaced)))?;
+            }
+            Err(e) => {
+                ctx.metrics.watch_error(f.kind);
+                tracing::warn!(kind = name, error = %e, "watch error; backing off and retrying");
+            }
+        }
+    }
+}
