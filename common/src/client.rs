@@ -6,6 +6,8 @@ use anyhow::Context as _;
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::tls::TlsConfig;
+
 /// How long a connection attempt may take before the call fails.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -14,6 +16,13 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 ///
 /// `target` is `http://host:port`, `host:port`, or `unix:///path/to.sock`.
 pub fn lazy_channel(target: &str) -> anyhow::Result<Channel> {
+    lazy_channel_tls(target, None)
+}
+
+/// [`lazy_channel`], over mutual TLS when `tls` is given (TCP targets only:
+/// a unix socket is protected by its file mode). `http://` targets are
+/// dialled as `https://` then.
+pub fn lazy_channel_tls(target: &str, tls: Option<&TlsConfig>) -> anyhow::Result<Channel> {
     if let Some(path) = target.strip_prefix("unix://") {
         let path = PathBuf::from(path);
         // The URI is required by the API but unused: the connector dials the socket.
@@ -29,13 +38,24 @@ pub fn lazy_channel(target: &str) -> anyhow::Result<Channel> {
             })),
         );
     }
-    let uri = if target.contains("://") {
-        target.to_string()
-    } else {
-        format!("http://{target}")
+    let rest = target
+        .strip_prefix("http://")
+        .or_else(|| target.strip_prefix("https://"));
+    let uri = match (rest, tls) {
+        (Some(rest), Some(_)) => format!("https://{rest}"),
+        (Some(_), None) => target.to_string(),
+        (None, _) if target.contains("://") => target.to_string(),
+        (None, Some(_)) => format!("https://{target}"),
+        (None, None) => format!("http://{target}"),
     };
-    let endpoint = Endpoint::from_shared(uri)
-        .with_context(|| format!("{target:?} is not a gRPC endpoint"))?
+    let mut endpoint =
+        Endpoint::from_shared(uri).with_context(|| format!("{target:?} is not a gRPC endpoint"))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls.client())
+            .with_context(|| format!("TLS for {target:?}"))?;
+    }
+    let endpoint = endpoint
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))

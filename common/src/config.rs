@@ -1,6 +1,8 @@
 //! Flags every long-running service takes, each with an environment fallback.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, path::PathBuf};
+
+use crate::tls::{TlsConfig, TlsError};
 
 /// Flags shared by every service; flatten into the service's own `Args`.
 #[derive(Debug, Clone, clap::Args)]
@@ -22,6 +24,26 @@ pub struct CommonArgs {
     #[arg(long, env = "WEFT_OTLP_ENDPOINT", default_value = "")]
     pub otlp_endpoint: String,
 
+    /// PEM certificate (chain) this service presents, to its callers and to
+    /// the services it calls. With --tls-key and --tls-ca it turns on mutual
+    /// TLS for every gRPC listener and client over TCP.
+    #[arg(long, env = "WEFT_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "WEFT_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA bundle: peers (clients and servers alike) must present a
+    /// certificate from it.
+    #[arg(long, env = "WEFT_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// The name expected in servers' certificates, when it is not the host
+    /// dialled (services reached by address, certificates with DNS names).
+    #[arg(long, env = "WEFT_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
+
     /// Validate the flags and exit without starting.
     #[arg(long)]
     pub check_config: bool,
@@ -31,6 +53,17 @@ impl CommonArgs {
     /// The metrics address, if one is configured.
     pub fn metrics_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
         parse_optional_addr("--metrics-listen", &self.metrics_listen)
+    }
+
+    /// The mTLS material, read from the files the flags name; `None` when
+    /// no TLS flag is set (plaintext).
+    pub fn tls(&self) -> Result<Option<TlsConfig>, TlsError> {
+        Ok(TlsConfig::load(
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+            self.tls_ca.as_deref(),
+        )?
+        .map(|t| t.with_server_name(self.tls_server_name.clone())))
     }
 }
 

@@ -1,8 +1,8 @@
 //! gRPC server set-up shared by every service: the standard health service,
 //! reflection (v1 and v1alpha, so both current grpcurl and grpcurl 1.8
 //! work), a span per request that continues the caller's trace
-//! ([`crate::trace::server_span`]), and graceful shutdown on TCP or on a
-//! unix socket.
+//! ([`crate::trace::server_span`]), graceful shutdown on TCP or on a unix
+//! socket, and mutual TLS on TCP when configured ([`crate::tls`]).
 
 use std::{convert::Infallible, net::SocketAddr, os::unix::fs::PermissionsExt as _, path::Path};
 
@@ -17,11 +17,14 @@ use tonic::{
 };
 use tonic_health::{ServingStatus, server::HealthReporter};
 
+use crate::tls::TlsConfig;
+
 /// The set of gRPC services one listener serves, plus health and reflection.
 pub struct GrpcServer {
     routes: RoutesBuilder,
     health: HealthReporter,
     names: Vec<&'static str>,
+    tls: Option<TlsConfig>,
 }
 
 impl GrpcServer {
@@ -45,7 +48,16 @@ impl GrpcServer {
             routes,
             health,
             names: Vec::new(),
+            tls: None,
         }
+    }
+
+    /// Serves TCP over mutual TLS (`Some`): clients must present a
+    /// certificate from the CA, and plaintext is refused. A unix socket is
+    /// served without TLS either way.
+    pub fn tls(mut self, tls: Option<TlsConfig>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Adds a service; it reports SERVING through the health service once the
@@ -81,6 +93,16 @@ impl GrpcServer {
         (self.routes.routes(), self.health, self.names)
     }
 
+    fn tcp_builder(&self) -> anyhow::Result<Server> {
+        let builder = Server::builder();
+        match &self.tls {
+            Some(tls) => builder
+                .tls_config(tls.server())
+                .context("TLS configuration (--tls-cert, --tls-key, --tls-ca)"),
+            None => Ok(builder),
+        }
+    }
+
     /// Serves on a TCP listener the caller bound, until `shutdown` fires.
     pub async fn serve_tcp(
         self,
@@ -88,10 +110,11 @@ impl GrpcServer {
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
+        let builder = self.tcp_builder()?;
         self.mark(ServingStatus::Serving).await;
-        tracing::info!(%addr, services = ?self.names, "gRPC listening");
+        tracing::info!(%addr, services = ?self.names, tls = self.tls.is_some(), "gRPC listening");
         let (routes, health, names) = self.into_parts();
-        let result = Server::builder()
+        let result = builder
             .trace_fn(crate::trace::server_span)
             .add_routes(routes)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), {

@@ -105,6 +105,26 @@ pub fn selector_matches(
     !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
+/// Whether a Kubernetes label selector (matchLabels and matchExpressions)
+/// matches the labels `get` looks up. An empty selector matches everything,
+/// as in NetworkPolicy; an operator it does not know matches nothing.
+pub fn label_selector_matches<'a>(
+    selector: &weft_proto::watcher::v1::LabelSelector,
+    get: impl Fn(&str) -> Option<&'a str>,
+) -> bool {
+    selector.match_labels.iter().all(|(k, v)| get(k) == Some(v.as_str()))
+        && selector.match_expressions.iter().all(|r| {
+            let value = get(&r.key);
+            match r.operator.as_str() {
+                "In" => value.is_some_and(|v| r.values.iter().any(|x| x == v)),
+                "NotIn" => value.is_none_or(|v| !r.values.iter().any(|x| x == v)),
+                "Exists" => value.is_some(),
+                "DoesNotExist" => value.is_none(),
+                _ => false,
+            }
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,6 +162,31 @@ mod tests {
                 .map(String::as_str),
             Some("a")
         );
+    }
+
+        #[test]
+    fn label_selectors_follow_kubernetes_semantics() {
+        use weft_proto::watcher::v1::{LabelSelector, LabelSelectorRequirement};
+        let labels = map(&[("app", "web"), ("tier", "front")]);
+        let get = |k: &str| labels.get(k).map(String::as_str);
+        let req = |key: &str, op: &str, values: &[&str]| LabelSelectorRequirement {
+            key: key.into(),
+            operator: op.into(),
+            values: values.iter().map(|v| v.to_string()).collect(),
+        };
+        assert!(label_selector_matches(&LabelSelector::default(), get), "empty selects all");
+        let sel = |labels: &[(&str, &str)], exprs: Vec<LabelSelectorRequirement>| LabelSelector {
+            match_labels: map(labels),
+            match_expressions: exprs,
+        };
+        assert!(label_selector_matches(&sel(&[("app", "web")], vec![]), get));
+        assert!(!label_selector_matches(&sel(&[("app", "db")], vec![]), get));
+        assert!(label_selector_matches(&sel(&[], vec![req("tier", "In", &["front", "back"])]), get));
+        assert!(!label_selector_matches(&sel(&[], vec![req("tier", "NotIn", &["front"])]), get));
+        assert!(label_selector_matches(&sel(&[], vec![req("env", "NotIn", &["prod"])]), get));
+        assert!(label_selector_matches(&sel(&[], vec![req("app", "Exists", &[])]), get));
+        assert!(label_selector_matches(&sel(&[], vec![req("env", "DoesNotExist", &[])]), get));
+        assert!(!label_selector_matches(&sel(&[], vec![req("app", "Bogus", &[])]), get));
     }
 
     #[test]

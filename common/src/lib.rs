@@ -16,5 +16,6 @@ pub mod netns;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod trace;
 pub mod watch;

@@ -18,7 +18,7 @@ use tonic_health::pb::{
 };
 use weft_proto::{
     datapath::v1::{
-        DumpLbMapsRequest, ListEndpointsRequest, ListServicesRequest, StatusRequest,
+        DumpLbMapsRequest, FlowsRequest, ListEndpointsRequest, ListServicesRequest, StatusRequest,
         datapath_client::DatapathClient,
     },
     identity::v1::{ListRequest as IdentityListRequest, identity_client::IdentityClient},
@@ -28,8 +28,8 @@ use weft_proto::{
 pub use connect::CtlError;
 use connect::Target;
 use views::{
-    DatapathStatusView, EndpointList, HealthView, IdentityList, IpamList, LbMaps, ServiceList,
-    StatusReport, View,
+    DatapathStatusView, EndpointList, FlowView, HealthView, IdentityList, IpamList, LbMaps,
+    ServiceList, StatusReport, View,
 };
 
 #[derive(Debug, Parser)]
@@ -109,6 +109,32 @@ pub enum Command {
     /// Raw eBPF map contents.
     #[command(subcommand)]
     Bpf(Bpf),
+    /// Flow events from the datapath: connections forwarded or translated,
+    /// packets dropped and why.
+    Flows(FlowsArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct FlowsArgs {
+    /// Keep printing new events as they happen.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// How many recent events to print first (0: all kept).
+    #[arg(long, default_value_t = 0)]
+    pub last: u32,
+    /// Only events to or from this pod (namespace/name).
+    #[arg(long)]
+    pub pod: Option<String>,
+    /// Only events to or from pods in this namespace.
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Only this verdict.
+    #[arg(long, value_parser = ["forwarded", "dropped", "translated"])]
+    pub verdict: Option<String>,
+    /// Only events to or from this security identity (a number; `--identity`
+    /// is identity-svc's address).
+    #[arg(long = "security-identity")]
+    pub security_identity: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, Subcommand)]
@@ -173,6 +199,11 @@ pub async fn run(cli: &Cli) -> Result<Report, CtlError> {
             let resp = identity.call(client.list(IdentityListRequest {})).await?;
             Ok(ok_report(&IdentityList::from(resp), cli.output))
         }
+        Command::Flows(ref args) => {
+            let mut text = String::new();
+            flows(cli, args, |line| text.push_str(line)).await?;
+            Ok(Report { text, ok: true })
+        }
         Command::Ipam(ListOnly::List) => {
             let ipam = target("ipam-svc", &cli.ipam);
             let mut client = IpamClient::new(ipam.connect().await?);
@@ -201,6 +232,59 @@ fn render(view: &impl View, output: Output) -> String {
     }
 }
 
+/// Streams flow events, each rendered for `cli.output`, to `emit`; with
+/// `--follow` until the datapath goes away.
+pub async fn flows(
+    cli: &Cli,
+    args: &FlowsArgs,
+    mut emit: impl FnMut(&str),
+) -> Result<(), CtlError> {
+    let datapath = Target::new("datapath-svc", &cli.datapath, cli.timeout);
+    let mut client = DatapathClient::new(datapath.connect().await?);
+    let request = FlowsRequest {
+        follow: args.follow,
+        last: args.last,
+        pod: args.pod.clone().unwrap_or_default(),
+        namespace: args.namespace.clone().unwrap_or_default(),
+        verdict: args.verdict.clone().unwrap_or_default(),
+        identity: args.security_identity.unwrap_or_default(),
+    };
+    // The call itself is bounded; a followed stream is not.
+    let mut stream = datapath.call(client.flows(request)).await?;
+    loop {
+        let next = if args.follow {
+            stream.message().await
+        } else {
+            match tokio::time::timeout(cli.timeout, stream.message()).await {
+                Ok(m) => m,
+                Err(_) => break,
+            }
+        };
+        match next {
+            Ok(Some(flow)) => {
+                let view = FlowView::from(flow);
+                match cli.output {
+                    Output::Table => emit(&view.line()),
+                    Output::Json => {
+                        let mut line = serde_json::to_string(&view).unwrap_or_default();
+                        line.push('\n');
+                        emit(&line);
+                    }
+                }
+            }
+            Ok(None) => break,
+            Err(status) => {
+                return Err(CtlError::Call {
+                    service: "datapath-svc",
+                    address: cli.datapath.clone(),
+                    status,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Health of every service, checked at once, and the datapath's status.
 async fn status(cli: &Cli) -> StatusReport {
     let services = [
@@ -213,8 +297,15 @@ async fn status(cli: &Cli) -> StatusReport {
         .iter()
         .map(|(name, address)| health(Target::new(name, address, cli.timeout)));
     let datapath = Target::new("datapath-svc", &cli.datapath, cli.timeout);
-    let (health, datapath) = tokio::join!(join_all(checks), datapath_status(&datapath));
-    StatusReport::new(health, datapath)
+    let ipam = Target::new("ipam-svc", &cli.ipam, cli.timeout);
+    let (health, datapath, ipam) = tokio::join!(
+        join_all(checks),
+        datapath_status(&datapath),
+        ipam_list(&ipam)
+    );
+    let mut report = StatusReport::new(health, datapath);
+    report.ipam = ipam.ok();
+    report
 }
 
 async fn health(target: Target) -> HealthView {
@@ -243,6 +334,14 @@ async fn health(target: Target) -> HealthView {
         status,
         error,
     }
+}
+
+async fn ipam_list(target: &Target) -> Result<IpamList, CtlError> {
+    let mut client = IpamClient::new(target.connect().await?);
+    target
+        .call(client.list(IpamListRequest {}))
+        .await
+        .map(Into::into)
 }
 
 async fn datapath_status(target: &Target) -> Result<DatapathStatusView, String> {

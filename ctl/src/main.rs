@@ -16,6 +16,23 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Followed flows print as they arrive rather than at the end.
+    if let weftctl::Command::Flows(args) = &cli.command
+        && args.follow
+    {
+        let printed = runtime.block_on(weftctl::flows(&cli, args, |line| {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(line.as_bytes());
+            let _ = out.flush();
+        }));
+        return match printed {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("weftctl: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match runtime.block_on(weftctl::run(&cli)) {
         Ok(report) => {
             let mut out = std::io::stdout().lock();

@@ -447,6 +447,17 @@ pub struct DatapathStatusView {
     pub components: Vec<ComponentView>,
     pub maps: Vec<MapView>,
     pub features: Vec<String>,
+    /// Pods isolated by NetworkPolicy, allow entries, addresses with an identity.
+    pub policy: PolicyView,
+    /// Packets by datapath outcome.
+    pub packets: std::collections::BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PolicyView {
+    pub isolated_endpoints: u32,
+    pub entries: u32,
+    pub ipcache_entries: u32,
 }
 
 impl From<dp::StatusResponse> for DatapathStatusView {
@@ -478,6 +489,15 @@ impl From<dp::StatusResponse> for DatapathStatusView {
                 })
                 .collect(),
             features: s.features,
+            policy: s
+                .policy
+                .map(|p| PolicyView {
+                    isolated_endpoints: p.isolated_endpoints,
+                    entries: p.entries,
+                    ipcache_entries: p.ipcache_entries,
+                })
+                .unwrap_or_default(),
+            packets: s.packets.into_iter().collect(),
         }
     }
 }
@@ -489,6 +509,9 @@ pub struct StatusReport {
     pub problems: Vec<String>,
     pub services: Vec<HealthView>,
     pub datapath: Option<DatapathStatusView>,
+    /// Pod CIDRs per node and pool use, from ipam-svc.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipam: Option<IpamList>,
 }
 
 impl StatusReport {
@@ -529,6 +552,7 @@ impl StatusReport {
             problems,
             services,
             datapath,
+            ipam: None,
         }
     }
 }
@@ -558,6 +582,22 @@ impl View for StatusReport {
                 format!("{}/{} used", d.pod_ips_used, d.pod_ips_total),
             ]);
             facts.row(["Features:".to_string(), or_dash(&d.features.join(", "))]);
+            facts.row([
+                "Policy:".to_string(),
+                format!(
+                    "{} pods isolated, {} allow entries, {} addresses with an identity",
+                    d.policy.isolated_endpoints, d.policy.entries, d.policy.ipcache_entries
+                ),
+            ]);
+            if !d.packets.is_empty() {
+                let packets: Vec<String> = d
+                    .packets
+                    .iter()
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(k, n)| format!("{k} {n}"))
+                    .collect();
+                facts.row(["Packets:".to_string(), or_dash(&packets.join(", "))]);
+            }
             out.push_str(&facts.render());
 
             if !d.components.is_empty() {
@@ -588,6 +628,11 @@ impl View for StatusReport {
                 }
                 out.push_str(&maps.render());
             }
+        }
+
+        if let Some(ipam) = &self.ipam {
+            out.push('\n');
+            out.push_str(&ipam.table());
         }
 
         out.push('\n');
@@ -832,6 +877,7 @@ ID   Frontend            Service Type   Service                Backend
                 },
             ],
             features: vec!["ClusterIP".into(), "NodePort".into()],
+            ..Default::default()
         }
         .into()
     }
@@ -887,5 +933,88 @@ ID   Frontend            Service Type   Service                Backend
                 .table()
                 .contains("Overall: UNHEALTHY\n  - datapath status: cannot reach\n")
         );
+    }
+}
+
+// ------------------------------------------------------------------- flows
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FlowView {
+    pub time_unix_nanos: u64,
+    pub node: String,
+    pub verdict: String,
+    pub reason: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub direction: String,
+    pub protocol: String,
+    pub source: String,
+    pub destination: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub original_destination: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub source_pod: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub destination_pod: String,
+    pub source_identity: u32,
+    pub destination_identity: u32,
+}
+
+impl From<dp::Flow> for FlowView {
+    fn from(f: dp::Flow) -> Self {
+        Self {
+            time_unix_nanos: f.time_unix_nanos,
+            node: f.node,
+            verdict: f.verdict,
+            reason: f.reason,
+            direction: f.direction,
+            protocol: f.protocol,
+            source: f.source,
+            destination: f.destination,
+            original_destination: f.original_destination,
+            source_pod: f.source_pod,
+            destination_pod: f.destination_pod,
+            source_identity: f.source_identity,
+            destination_identity: f.destination_identity,
+        }
+    }
+}
+
+impl FlowView {
+    /// One line, in the spirit of `hubble observe`:
+    /// `12:00:01.123 DROPPED (policy_denied) ingress team-b/client 10.244.0.5:4711 (identity 301) -> default/web 10.244.0.7:8080 (identity 300) TCP`.
+    pub fn line(&self) -> String {
+        let secs = self.time_unix_nanos / 1_000_000_000;
+        let millis = (self.time_unix_nanos / 1_000_000) % 1000;
+        let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+        let end = |pod: &str, addr: &str, id: u32| {
+            let pod = if pod.is_empty() {
+                String::new()
+            } else {
+                format!("{pod} ")
+            };
+            format!("{pod}{addr} (identity {id})")
+        };
+        let via = if self.original_destination.is_empty() {
+            String::new()
+        } else {
+            format!(" via {}", self.original_destination)
+        };
+        let dir = if self.direction.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", self.direction)
+        };
+        format!(
+            "{h:02}:{m:02}:{s:02}.{millis:03} {} ({}){dir} {} -> {}{via} {}\n",
+            self.verdict.to_uppercase(),
+            self.reason,
+            end(&self.source_pod, &self.source, self.source_identity),
+            end(
+                &self.destination_pod,
+                &self.destination,
+                self.destination_identity
+            ),
+            self.protocol,
+        )
     }
 }

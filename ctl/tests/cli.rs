@@ -31,6 +31,43 @@ struct FakeDatapath {
 
 #[tonic::async_trait]
 impl Datapath for FakeDatapath {
+    type FlowsStream = Pin<Box<dyn Stream<Item = Result<dp::Flow, Status>> + Send>>;
+
+    async fn flows(
+        &self,
+        request: Request<dp::FlowsRequest>,
+    ) -> Result<Response<Self::FlowsStream>, Status> {
+        let req = request.into_inner();
+        let flows = vec![
+            dp::Flow {
+                time_unix_nanos: 1_700_000_000_123_000_000,
+                node: "node-a".into(),
+                verdict: "dropped".into(),
+                reason: "policy_denied".into(),
+                direction: "ingress".into(),
+                protocol: "TCP".into(),
+                source: "10.244.0.5:40000".into(),
+                destination: "10.244.0.7:8080".into(),
+                source_pod: "team-b/client".into(),
+                destination_pod: "default/web".into(),
+                source_identity: 301,
+                destination_identity: 300,
+                ..Default::default()
+            },
+            dp::Flow {
+                verdict: "forwarded".into(),
+                reason: "passed".into(),
+                ..Default::default()
+            },
+        ];
+        let matching: Vec<_> = flows
+            .into_iter()
+            .filter(|f| req.verdict.is_empty() || f.verdict == req.verdict)
+            .map(Ok)
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(matching))))
+    }
+
     async fn status(
         &self,
         _: Request<dp::StatusRequest>,
@@ -60,6 +97,7 @@ impl Datapath for FakeDatapath {
                 max_entries: 65536,
             }],
             features: vec!["ClusterIP".into(), "NodePort".into()],
+            ..Default::default()
         }))
     }
 
@@ -469,4 +507,24 @@ async fn other_lists() {
     let out = cluster.weftctl(&["bpf", "lb", "list"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("172.18.0.3:6443"), "{}", stdout(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flows_print_one_line_each_and_filter_by_verdict() {
+    let cluster = Cluster::start(true).await;
+    let out = cluster.weftctl(&["flows", "--verdict", "dropped"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(
+        text.contains("DROPPED (policy_denied) ingress team-b/client 10.244.0.5:40000 (identity 301) -> default/web 10.244.0.7:8080 (identity 300) TCP"),
+        "{text}"
+    );
+    let out = cluster.weftctl(&["flows", "-o", "json"]).await;
+    let lines: Vec<Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["reason"], "policy_denied");
 }

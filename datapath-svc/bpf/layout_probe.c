@@ -9,6 +9,9 @@
 #include "lib/lb.h"
 #include "lib/metrics.h"
 #include "lib/sock.h"
+#include "lib/conntrack.h"
+#include "lib/policy.h"
+#include "lib/flows.h"
 
 #define STRUCT(s) printf("    (\"%s\", %zu, &[", #s, sizeof(struct s))
 #define FIELD(s, f) printf("(\"%s\", %zu), ", #f, offsetof(struct s, f))
@@ -68,6 +71,51 @@ int main(void)
 	STRUCT(snat4_port);
 	FIELD(snat4_port, remote_addr);
 	FIELD(snat4_port, remote_port);
+	END();
+		STRUCT(policy_key);
+	FIELD(policy_key, ep_id);
+	FIELD(policy_key, identity);
+	FIELD(policy_key, direction);
+	FIELD(policy_key, proto);
+	FIELD(policy_key, dport);
+	END();
+	STRUCT(policy_entry);
+	FIELD(policy_entry, flags);
+	END();
+	STRUCT(ipcache_key);
+	FIELD(ipcache_key, addr);
+	END();
+	STRUCT(ipcache_entry);
+	FIELD(ipcache_entry, identity);
+	FIELD(ipcache_entry, flags);
+	END();
+	STRUCT(endpoint_policy);
+	FIELD(endpoint_policy, flags);
+	FIELD(endpoint_policy, identity);
+	END();
+	STRUCT(policy_ct_key);
+	FIELD(policy_ct_key, saddr);
+	FIELD(policy_ct_key, daddr);
+	FIELD(policy_ct_key, sport);
+	FIELD(policy_ct_key, dport);
+	FIELD(policy_ct_key, proto);
+	FIELD(policy_ct_key, ep_id);
+	END();
+	STRUCT(flow_event);
+	FIELD(flow_event, timestamp);
+	FIELD(flow_event, saddr);
+	FIELD(flow_event, daddr);
+	FIELD(flow_event, orig_daddr);
+	FIELD(flow_event, ep_id);
+	FIELD(flow_event, src_identity);
+	FIELD(flow_event, dst_identity);
+	FIELD(flow_event, sport);
+	FIELD(flow_event, dport);
+	FIELD(flow_event, orig_dport);
+	FIELD(flow_event, proto);
+	FIELD(flow_event, verdict);
+	FIELD(flow_event, reason);
+	FIELD(flow_event, direction);
 	END();
 	STRUCT(lb4_maglev_key);
 	FIELD(lb4_maglev_key, rev_nat_index);

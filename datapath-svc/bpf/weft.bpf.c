@@ -28,6 +28,8 @@
 #include "lib/conntrack.h"
 #include "lib/nat.h"
 #include "lib/sock.h"
+#include "lib/policy.h"
+#include "lib/flows.h"
 
 #define NODE_ADDRS_MAP_SIZE 256
 
@@ -49,7 +51,7 @@ enum {
  * outside the node, so only external frontends apply, and a backend on
  * another node needs SNAT (and a redirect, since the new source is ours).
  * Returns NOT_OURS or a tc verdict. */
-static __always_inline int lb4_forward(struct __sk_buff *skb, const struct tuple4 *t, int external)
+static __always_inline int lb4_forward(struct __sk_buff *skb, struct tuple4 *t, int external)
 {
 	struct lb4_service *svc, s;
 	struct lb4_backend *be, b;
@@ -86,7 +88,12 @@ static __always_inline int lb4_forward(struct __sk_buff *skb, const struct tuple
 
 		backend_id = lb4_select(t->daddr, t->dport, t->proto, &s, t->saddr, hash, now);
 		be = lb4_usable_backend(backend_id);
-		if (!be) {
+				if (!be) {
+			struct flow_event ev = {};
+
+			flow_fill(&ev, t, FLOW_DROPPED, REASON_NO_BACKEND);
+			ev.ep_id = external ? 0 : skb->ifindex;
+			flow_emit(&ev);
 			count(skb, REASON_NO_BACKEND);
 			return WEFT_DROP;
 		}
@@ -158,7 +165,29 @@ static __always_inline int lb4_forward(struct __sk_buff *skb, const struct tuple
 		count(skb, REASON_CSUM_ERROR);
 		return WEFT_DROP;
 	}
-	count(skb, REASON_LB_TRANSLATED);
+			count(skb, REASON_LB_TRANSLATED);
+	if (created) {
+		struct flow_event ev = {};
+
+		flow_fill(&ev, t, FLOW_TRANSLATED, REASON_LB_TRANSLATED);
+		ev.daddr = b.address;
+		ev.dport = b.port;
+		ev.orig_daddr = t->daddr;
+		ev.orig_dport = t->dport;
+		if (snat) {
+			ev.saddr = nat_addr;
+			ev.sport = nat_port;
+		}
+		ev.ep_id = external ? 0 : skb->ifindex;
+		flow_emit(&ev);
+	}
+	/* Later decisions (policy) see the packet as it now is. */
+	if (snat) {
+		t->saddr = nat_addr;
+		t->sport = nat_port;
+	}
+	t->daddr = b.address;
+	t->dport = b.port;
 	if (snat) {
 		int rc = redirect_by_route(skb, nat_addr, b.address);
 
@@ -324,14 +353,74 @@ static __always_inline void forget_stale_reverse(const struct tuple4 *t)
 			goto pass;                       \
 	} while (0)
 
+/* The policy verdict for a packet at a local endpoint (`ep_id`, the pod's
+ * host veth), in `direction` as the pod sees it: a known connection passes,
+ * a new one is checked against the endpoint's policy if that direction is
+ * isolated, and remembered when allowed. Host traffic into a pod (kubelet's
+ * probes) is always allowed. Returns WEFT_PASS or WEFT_DROP. */
+static __always_inline int policy_check(struct __sk_buff *skb, const struct tuple4 *t, __u8 direction)
+{
+	__u32 ep_id = skb->ifindex;
+	struct endpoint_policy *ep = bpf_map_lookup_elem(&weft_endpoints, &ep_id);
+	struct flow_event ev = {};
+	__u32 flags, own, peer;
+	__be32 peer_addr = direction == DIR_EGRESS ? t->daddr : t->saddr;
+	__u64 now;
+	int enforced;
+
+	if (!ep) {
+		/* No policy: report each new TCP connection the pod opens. */
+		if (direction == DIR_EGRESS && t->proto == IPPROTO_TCP && opens(t)) {
+			flow_fill(&ev, t, FLOW_FORWARDED, REASON_PASSED);
+			ev.ep_id = ep_id;
+			ev.direction = direction;
+			flow_emit(&ev);
+		}
+		return WEFT_PASS;
+	}
+	flags = ep->flags;
+	own = ep->identity;
+	now = bpf_ktime_get_ns();
+	if (policy_ct_known(t, ep_id, now))
+		return WEFT_PASS;
+	peer = ipcache_identity(peer_addr);
+	enforced = direction == DIR_EGRESS ? flags & EP_EGRESS_ENFORCED : flags & EP_INGRESS_ENFORCED;
+	flow_fill(&ev, t, FLOW_FORWARDED, enforced ? REASON_POLICY_ALLOWED : REASON_PASSED);
+	ev.ep_id = ep_id;
+	ev.direction = direction;
+	ev.src_identity = direction == DIR_EGRESS ? own : peer;
+	ev.dst_identity = direction == DIR_EGRESS ? peer : own;
+	if (enforced && !(direction == DIR_INGRESS && peer == IDENTITY_HOST) &&
+	    !policy_allows(ep_id, direction, peer, t->proto, t->dport)) {
+		ev.verdict = FLOW_DROPPED;
+		ev.reason = REASON_POLICY_DENIED;
+		flow_emit(&ev);
+		count(skb, REASON_POLICY_DENIED);
+		return WEFT_DROP;
+	}
+	policy_ct_allow(t, ep_id, now);
+	flow_emit(&ev);
+	if (enforced)
+		count(skb, REASON_POLICY_ALLOWED);
+	return WEFT_PASS;
+}
+
 SEC("classifier/from_container")
 int from_container(struct __sk_buff *skb)
 {
 	struct tuple4 t = {};
+	int rc;
 
-		PARSE_OR_PASS(skb, &t);
-	TRY(lb4_forward(skb, &t, 0));
-	forget_stale_reverse(&t);
+	PARSE_OR_PASS(skb, &t);
+	/* Translate first: egress policy applies to the backend reached. */
+	rc = lb4_forward(skb, &t, 0);
+	if (rc == WEFT_DROP)
+		return rc;
+	if (rc == NOT_OURS) {
+		forget_stale_reverse(&t);
+		count(skb, REASON_PASSED);
+	}
+	return policy_check(skb, &t, DIR_EGRESS);
 pass:
 	count(skb, REASON_PASSED);
 	return WEFT_PASS;
@@ -368,6 +457,10 @@ int to_container(struct __sk_buff *skb)
 	struct tuple4 t = {};
 
 	PARSE_OR_PASS(skb, &t);
+	/* Policy first, on the tuple the connection was opened with (a
+	 * reply from a backend still carries the backend's address). */
+	if (policy_check(skb, &t, DIR_INGRESS) == WEFT_DROP)
+		return WEFT_DROP;
 	TRY(lb4_reverse(skb, &t, 0));
 	track_inbound(&t);
 pass:

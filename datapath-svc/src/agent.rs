@@ -20,10 +20,12 @@ use weft_proto::{
 use crate::{
     bpf::{Counters, KernelLbMaps, Programs},
     endpoints::{EndpointRecord, Endpoints, attachment_key},
+    flows::FlowLog,
     lb::NodeView,
     metrics::Metrics,
     podipam::{IpamError, PodIpam},
     podnet,
+    policy_sync::{AddressBook, PolicySync},
     routing::{Device, RoutingMode},
     sync::LbSync,
 };
@@ -133,6 +135,14 @@ pub struct Agent {
     pub allocations: Mutex<BTreeMap<String, Ipv4Net>>,
     /// Woken when routes to other nodes may need to change.
     pub routes_dirty: tokio::sync::Notify,
+    /// The policy maps as programmed.
+    pub policy: Mutex<PolicySync>,
+    /// Woken when policy may need recompiling.
+    pub policy_dirty: tokio::sync::Notify,
+    /// Addresses to pods and identities, for flow events.
+    pub addresses: RwLock<AddressBook>,
+    /// Recent flow events and the live feed.
+    pub flows: FlowLog,
     /// Pods whose host ports may have changed (`namespace/name`).
     hostports_dirty: tokio::sync::mpsc::UnboundedSender<String>,
     identity: IdentityClient<Channel>,
@@ -153,6 +163,7 @@ pub struct AgentParts {
     pub metrics: Metrics,
     pub identity: IdentityClient<Channel>,
     pub hostports_dirty: tokio::sync::mpsc::UnboundedSender<String>,
+    pub policy: PolicySync,
 }
 
 impl Agent {
@@ -176,6 +187,10 @@ impl Agent {
             metrics: p.metrics,
             allocations: Mutex::new(BTreeMap::new()),
             routes_dirty: tokio::sync::Notify::new(),
+            policy: Mutex::new(p.policy),
+            policy_dirty: tokio::sync::Notify::new(),
+            addresses: RwLock::new(AddressBook::default()),
+            flows: FlowLog::new(4096),
             hostports_dirty: p.hostports_dirty,
             identity: p.identity,
             attach_locks: Mutex::new(HashMap::new()),
@@ -475,7 +490,21 @@ impl Agent {
         }
     }
 
+    /// The pod at an address and its identity, as far as this node knows.
+    pub fn who(&self, addr: std::net::Ipv4Addr) -> (String, u32) {
+        let book = self.addresses.read().unwrap_or_else(|p| p.into_inner());
+        match book.pods.get(&addr) {
+            Some((pod, id)) => (pod.clone(), *id),
+            None => (
+                String::new(),
+                crate::flows::lookup_identity(&book.ipcache, addr)
+                    .unwrap_or(weft_common::labels::reserved::WORLD),
+            ),
+        }
+    }
+
     fn hostports_changed(&self, record: &EndpointRecord) {
+        self.policy_dirty.notify_one();
         if !record.port_mappings.is_empty() || !record.pod_name.is_empty() {
             let _ = self.hostports_dirty.send(record.pod());
         }

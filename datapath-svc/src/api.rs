@@ -3,12 +3,13 @@
 
 use std::sync::Arc;
 
+use futures::StreamExt as _;
 use tonic::{Request, Response, Status};
 use weft_proto::datapath::v1::{
-    BackendEntry, ComponentStatus, DumpLbMapsRequest, DumpLbMapsResponse, EndpointEntry,
-    LbBackendRow, LbRevNatRow, LbServiceRow, ListEndpointsRequest, ListEndpointsResponse,
-    ListServicesRequest, ListServicesResponse, MapStatus, ServiceEntry, StatusRequest,
-    StatusResponse, datapath_server::Datapath,
+    BackendEntry, ComponentStatus, DumpLbMapsRequest, DumpLbMapsResponse, EndpointEntry, Flow,
+    FlowsRequest, LbBackendRow, LbRevNatRow, LbServiceRow, ListEndpointsRequest,
+    ListEndpointsResponse, ListServicesRequest, ListServicesResponse, MapStatus, PolicyStatus,
+    ServiceEntry, StatusRequest, StatusResponse, datapath_server::Datapath,
 };
 
 use crate::{
@@ -31,8 +32,50 @@ fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
 
+type FlowStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<Flow, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Datapath for DatapathService {
+    type FlowsStream = FlowStream;
+
+    async fn flows(
+        &self,
+        request: Request<FlowsRequest>,
+    ) -> Result<Response<Self::FlowsStream>, Status> {
+        let filter = request.into_inner();
+        if !filter.verdict.is_empty()
+            && !["forwarded", "dropped", "translated"].contains(&filter.verdict.as_str())
+        {
+            return Err(Status::invalid_argument(format!(
+                "verdict: {:?} is not one of forwarded, dropped, translated",
+                filter.verdict
+            )));
+        }
+        if !filter.pod.is_empty() && !filter.pod.contains('/') {
+            return Err(Status::invalid_argument(format!(
+                "pod: {:?} is not namespace/name",
+                filter.pod
+            )));
+        }
+        // Subscribe before reading the recent ones, so nothing falls between.
+        let live = filter.follow.then(|| self.agent.flows.subscribe());
+        let recent = self.agent.flows.recent(&filter);
+        let head = futures::stream::iter(recent.into_iter().map(Ok));
+        let Some(live) = live else {
+            return Ok(Response::new(Box::pin(head)));
+        };
+        let tail = tokio_stream::wrappers::BroadcastStream::new(live).filter_map(move |f| {
+            let f = match f {
+                Ok(f) if crate::flows::matches(&filter, &f) => Some(Ok(f)),
+                Ok(_) => None,
+                // A slow reader skips what it missed rather than stalling the feed.
+                Err(_) => None,
+            };
+            std::future::ready(f)
+        });
+        Ok(Response::new(Box::pin(head.chain(tail))))
+    }
+
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let a = &self.agent;
         let last_error = a
@@ -85,6 +128,20 @@ impl Datapath for DatapathService {
             components,
             maps,
             features: a.features.clone(),
+            policy: Some({
+                let p = a.policy.lock().unwrap_or_else(|p| p.into_inner());
+                PolicyStatus {
+                    isolated_endpoints: p.isolated_endpoints() as u32,
+                    entries: p.entries() as u32,
+                    ipcache_entries: p.ipcache().len() as u32,
+                }
+            }),
+            packets: a
+                .counters
+                .read()
+                .into_iter()
+                .map(|(r, v)| (r.label().to_string(), v.packets))
+                .collect(),
         }))
     }
 

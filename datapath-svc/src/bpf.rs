@@ -17,7 +17,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf, lpm_trie::LpmTrie},
     programs::{
         CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -28,8 +28,9 @@ use ipnet::Ipv4Net;
 
 use crate::{
     maps::{
-        Lb4Backend, Lb4Key, Lb4MaglevBlock, Lb4MaglevKey, Lb4ReverseNat, Lb4Service, MetricsValue,
-        Reason, be_addr, globals, names,
+        EndpointPolicy, IpcacheEntry, IpcacheKey, Lb4Backend, Lb4Key, Lb4MaglevBlock, Lb4MaglevKey,
+        Lb4ReverseNat, Lb4Service, MetricsValue, PolicyEntry, PolicyKey, Reason, be_addr, globals,
+        names,
     },
     sync::{LbMaps, MaglevConfig, SyncError},
 };
@@ -70,6 +71,11 @@ pub struct LoadConfig {
     pub cluster_cidr: Option<Ipv4Net>,
     pub masquerade: bool,
     pub maglev: MaglevConfig,
+    /// Capacity of the service and backend maps (Cilium's
+    /// `bpf-lb-map-max`); 0 keeps the compiled-in 65536. A frontend takes
+    /// one service entry plus one per backend, so large clusters need more.
+    /// Applies when the maps are created: maps already pinned keep their size.
+    pub lb_map_max: u32,
 }
 
 /// The programs of one node and where its pins live.
@@ -77,6 +83,13 @@ pub struct Programs {
     ebpf: Ebpf,
     links_dir: PathBuf,
     node_addrs: BpfHashMap<MapData, u32, u32>,
+}
+
+/// The maps network policy is programmed into.
+pub struct PolicyMaps {
+    pub policy: LpmTrie<MapData, PolicyKey, PolicyEntry>,
+    pub ipcache: LpmTrie<MapData, IpcacheKey, IpcacheEntry>,
+    pub endpoints: BpfHashMap<MapData, u32, EndpointPolicy>,
 }
 
 /// A pod veth's attachments, host side.
@@ -201,7 +214,13 @@ impl Programs {
             None => (0, 0),
         };
         let masquerade = u32::from(cfg.masquerade && cfg.cluster_cidr.is_some());
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        if cfg.lb_map_max > 0 {
+            loader
+                .map_max_entries(names::LB4_SERVICES, cfg.lb_map_max)
+                .map_max_entries(names::LB4_BACKENDS, cfg.lb_map_max);
+        }
+        let mut ebpf = loader
             .default_map_pin_directory(pin_dir)
             .override_global(globals::NETNS_COOKIE, &cfg.netns_cookie, true)
             .override_global(globals::CLUSTER_NET, &cluster_net, true)
@@ -253,6 +272,41 @@ impl Programs {
             maps,
             counters,
         ))
+    }
+
+    /// The policy maps; `None` once taken.
+    pub fn take_policy_maps(&mut self) -> Result<PolicyMaps> {
+        fn lpm<K: aya::Pod, V: aya::Pod>(
+            ebpf: &mut Ebpf,
+            name: &'static str,
+        ) -> Result<LpmTrie<MapData, K, V>> {
+            let map = ebpf.take_map(name).ok_or(BpfError::Map {
+                name,
+                message: "not in the object (or taken)".into(),
+            })?;
+            LpmTrie::try_from(map).map_err(|e| BpfError::Map {
+                name,
+                message: e.to_string(),
+            })
+        }
+        Ok(PolicyMaps {
+            policy: lpm(&mut self.ebpf, names::POLICY)?,
+            ipcache: lpm(&mut self.ebpf, names::IPCACHE)?,
+            endpoints: take_hash(&mut self.ebpf, names::ENDPOINTS)?,
+        })
+    }
+
+    /// The flow-event ring buffer.
+    pub fn take_flows(&mut self) -> Result<RingBuf<MapData>> {
+        let name = names::FLOWS;
+        let map = self.ebpf.take_map(name).ok_or(BpfError::Map {
+            name,
+            message: "not in the object (or taken)".into(),
+        })?;
+        RingBuf::try_from(map).map_err(|e| BpfError::Map {
+            name,
+            message: e.to_string(),
+        })
     }
 
     /// bpffs refuses names with a dot, hence `<ifname>@<direction>`.

@@ -27,12 +27,13 @@ use crate::{
 };
 
 /// The kinds a datapath follows.
-pub const KINDS: [Kind; 5] = [
+pub const KINDS: [Kind; 6] = [
     Kind::Service,
     Kind::EndpointSlice,
     Kind::Pod,
     Kind::Namespace,
     Kind::Node,
+    Kind::NetworkPolicy,
 ];
 
 /// Marks a cache that once held a complete state.
@@ -257,6 +258,14 @@ impl LbController {
                 _ => {}
             }
         }
+        if changed.iter().any(|k| {
+            matches!(
+                k.kind,
+                Kind::Pod | Kind::Namespace | Kind::Node | Kind::NetworkPolicy
+            )
+        }) {
+            agent.policy_dirty.notify_one();
+        }
         self.apply_owners(agent, mirror, dirty)
     }
 
@@ -370,6 +379,7 @@ pub async fn follow(
             }
             if is_synced {
                 agent.routes_dirty.notify_one();
+                agent.policy_dirty.notify_one();
             }
             // A complete state (a snapshot, or a resume that caught up) is
             // the moment to recompute everything and drop what is not

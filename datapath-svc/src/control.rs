@@ -250,6 +250,8 @@ pub async fn follow_identities(agent: Arc<Agent>, channel: Channel, shutdown: Ca
                         }
                         None => {}
                     }
+                    // Identities decide pods' places in policy and the ipcache.
+                    agent.policy_dirty.notify_one();
                 }
             }
             Err(status) => tracing::debug!(%status, "identity-svc unavailable"),

@@ -14,12 +14,15 @@ pub mod cluster;
 pub mod cni;
 pub mod control;
 pub mod endpoints;
+pub mod flows;
 pub mod lb;
 pub mod maglev;
 pub mod maps;
 pub mod metrics;
 pub mod podipam;
 pub mod podnet;
+pub mod policy;
+pub mod policy_sync;
 pub mod routing;
 pub mod sync;
 
@@ -27,7 +30,11 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
 use weft_common::{
-    client::lazy_channel, config::CommonArgs, grpc::GrpcServer, shutdown::Shutdown, store::Store,
+    client::{lazy_channel, lazy_channel_tls},
+    config::CommonArgs,
+    grpc::GrpcServer,
+    shutdown::Shutdown,
+    store::Store,
 };
 use weft_proto::datapath::v1::{cni_server::CniServer, datapath_server::DatapathServer};
 
@@ -126,6 +133,13 @@ pub struct Args {
     #[arg(long, env = "WEFT_MAGLEV_HASH_SEED", default_value_t = 0)]
     pub maglev_hash_seed: u32,
 
+    /// Capacity of the load-balancer service and backend maps (Cilium's
+    /// `bpf-lb-map-max`). Every frontend takes one entry plus one per
+    /// backend: 10,000 Services with 10 endpoints each need 110,000. Takes
+    /// effect when the maps are first created; pinned maps keep their size.
+    #[arg(long, env = "WEFT_BPF_LB_MAP_MAX", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    pub bpf_lb_map_max: u32,
+
     /// Serve Services to the node's own processes at the socket layer.
     #[arg(long, env = "WEFT_SOCKET_LB", default_value_t = true, action = clap::ArgAction::Set)]
     pub socket_lb: bool,
@@ -212,6 +226,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let shutdown = Shutdown::on_signals()?;
+    // mTLS for the API listener and the control-plane clients (not for the
+    // node-local CNI socket, which only root can open).
+    let tls = args.common.tls()?;
 
     podnet::enable_forwarding().context("enabling IPv4 forwarding")?;
     bpf::ensure_bpffs(&args.bpf_root)?;
@@ -227,6 +244,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         cluster_cidr: Some(args.cluster_pool_ipv4_cidr),
         masquerade: args.enable_masquerade,
         maglev: maglev_cfg,
+        lb_map_max: args.bpf_lb_map_max,
     };
     let (mut programs, kernel_maps, counters) = Programs::load(&pin_dir, &load)?;
     for d in &devices {
@@ -246,6 +264,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let counters = Arc::new(counters);
+    let policy = policy_sync::PolicySync::restore(programs.take_policy_maps()?)?;
+    let flow_ring = programs.take_flows()?;
 
     let store = Store::open(&args.state_dir)?;
     let ipam = PodIpam::new(store.raw_tree("pod_ips")?, control::cached_cidr(&store)?);
@@ -253,9 +273,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let cache = ClusterCache::open(&store)?;
     let mirror = cache.load()?;
     let lb = LbSync::restore(kernel_maps, maglev_cfg)?;
-    let identity = weft_proto::identity::v1::identity_client::IdentityClient::new(lazy_channel(
-        &args.identity,
-    )?);
+    let identity = weft_proto::identity::v1::identity_client::IdentityClient::new(
+        lazy_channel_tls(&args.identity, tls.as_ref())?,
+    );
 
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::Metrics::register(&mut registry, counters.clone());
@@ -293,6 +313,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         metrics,
         identity,
         hostports_dirty: hostports_tx,
+        policy,
     }));
 
     let restored = agent.restore_endpoints().await?;
@@ -315,9 +336,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(node = %args.node, pin_dir = %pin_dir.display(), endpoints = restored, "datapath ready");
 
     let token = shutdown.token();
-    let watcher = lazy_channel(&args.watcher)?;
-    let ipam_channel = lazy_channel(&args.ipam)?;
-    let identity_channel = lazy_channel(&args.identity)?;
+    let watcher = lazy_channel_tls(&args.watcher, tls.as_ref())?;
+    let ipam_channel = lazy_channel_tls(&args.ipam, tls.as_ref())?;
+    let identity_channel = lazy_channel_tls(&args.identity, tls.as_ref())?;
     let tasks = vec![
         tokio::spawn(cluster::follow(
             agent.clone(),
@@ -328,6 +349,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             token.clone(),
         )),
         tokio::spawn(control::follow_routes(agent.clone(), token.clone())),
+        tokio::spawn(policy_sync::follow(agent.clone(), token.clone())),
+        tokio::spawn(flows::follow(agent.clone(), flow_ring, token.clone())),
         tokio::spawn(control::follow_ipam(
             agent.clone(),
             ipam_channel,
@@ -346,6 +369,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .add_service(CniServer::new(cni::CniService::new(agent.clone())))
         .serve_unix(&args.cni_socket, token.clone());
     let api = GrpcServer::new()
+        .tls(tls)
         .add_service(DatapathServer::new(api::DatapathService::new(
             agent.clone(),
         )))

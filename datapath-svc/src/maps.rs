@@ -20,6 +20,37 @@ pub mod names {
     pub const MASQ4: &str = "weft_masq4";
     pub const SOCK4_REVNAT: &str = "weft_sock4_revnat";
     pub const NODE_ADDRS: &str = "weft_node_addrs";
+    pub const POLICY: &str = "weft_policy";
+    pub const IPCACHE: &str = "weft_ipcache";
+    pub const ENDPOINTS: &str = "weft_endpoints";
+    pub const POLICY_CT: &str = "weft_policy_ct";
+    pub const FLOWS: &str = "weft_flows";
+}
+
+/// Policy directions, as the pod sees them.
+pub mod direction {
+    pub const INGRESS: u8 = 1;
+    pub const EGRESS: u8 = 2;
+}
+
+/// `endpoint_policy.flags`
+pub mod endpoint_flags {
+    pub const INGRESS_ENFORCED: u32 = 1 << 0;
+    pub const EGRESS_ENFORCED: u32 = 1 << 1;
+}
+
+/// Policy key prefix lengths, in bits after the prefix length field.
+pub mod policy_prefix {
+    pub const ANY_PROTO: u32 = 72;
+    pub const ANY_PORT: u32 = 80;
+    pub const FULL: u32 = 96;
+}
+
+/// `flow_event.verdict`
+pub mod verdict {
+    pub const FORWARDED: u8 = 1;
+    pub const DROPPED: u8 = 2;
+    pub const TRANSLATED: u8 = 3;
 }
 
 /// Globals the programs read, set at load time.
@@ -126,6 +157,76 @@ pub struct Ct4Entry {
     pub pad2: u16,
 }
 
+/// The data of an LPM `policy_key` (aya adds the prefix length).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct PolicyKey {
+    pub ep_id: u32,
+    pub identity: u32,
+    pub direction: u8,
+    pub proto: u8,
+    pub dport: u16,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PolicyEntry {
+    pub flags: u32,
+}
+
+/// The data of an LPM `ipcache_key`: an IPv4 address, network order.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct IpcacheKey {
+    pub addr: u32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IpcacheEntry {
+    pub identity: u32,
+    pub flags: u32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EndpointPolicy {
+    pub flags: u32,
+    pub identity: u32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct PolicyCtKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+    pub ep_id: u32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FlowEvent {
+    pub timestamp: u64,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub orig_daddr: u32,
+    pub ep_id: u32,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub orig_dport: u16,
+    pub proto: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    pub direction: u8,
+    pub pad: [u8; 6],
+}
+
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Snat4PortKey {
@@ -210,6 +311,12 @@ unsafe impl aya::Pod for MetricsValue {}
 unsafe impl aya::Pod for Lb4MaglevKey {}
 unsafe impl aya::Pod for Snat4PortKey {}
 unsafe impl aya::Pod for Snat4Port {}
+unsafe impl aya::Pod for PolicyKey {}
+unsafe impl aya::Pod for PolicyEntry {}
+unsafe impl aya::Pod for IpcacheKey {}
+unsafe impl aya::Pod for IpcacheEntry {}
+unsafe impl aya::Pod for EndpointPolicy {}
+unsafe impl aya::Pod for PolicyCtKey {}
 unsafe impl aya::Pod for Lb4MaglevBlock {}
 unsafe impl aya::Pod for Lb4AffinityKey {}
 unsafe impl aya::Pod for Lb4Affinity {}
@@ -230,10 +337,12 @@ pub enum Reason {
     NatExhausted = 7,
     FibFailed = 8,
     SockTranslated = 9,
+    PolicyDenied = 10,
+    PolicyAllowed = 11,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 12] = [
         Reason::Passed,
         Reason::LbTranslated,
         Reason::LbReversed,
@@ -244,7 +353,16 @@ impl Reason {
         Reason::NatExhausted,
         Reason::FibFailed,
         Reason::SockTranslated,
+        Reason::PolicyDenied,
+        Reason::PolicyAllowed,
     ];
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        Reason::ALL
+            .iter()
+            .copied()
+            .find(|r| *r as u32 == u32::from(n))
+    }
 
     pub fn label(self) -> &'static str {
         match self {
@@ -258,6 +376,8 @@ impl Reason {
             Reason::NatExhausted => "nat_exhausted",
             Reason::FibFailed => "fib_failed",
             Reason::SockTranslated => "sock_translated",
+            Reason::PolicyDenied => "policy_denied",
+            Reason::PolicyAllowed => "policy_allowed",
         }
     }
 }
@@ -289,6 +409,17 @@ mod tests {
         include!(concat!(env!("OUT_DIR"), "/layout.rs"));
     }
     use c::C_LAYOUT;
+
+    /// An LPM trie key in C starts with the prefix length, which aya adds
+    /// in front of the Rust data: shift the data's layout by four bytes.
+    fn lpm(
+        (size, fields): (usize, Vec<(&'static str, usize)>),
+    ) -> (usize, Vec<(&'static str, usize)>) {
+        (
+            size + 4,
+            fields.into_iter().map(|(f, o)| (f, o + 4)).collect(),
+        )
+    }
 
     fn rust_layout(name: &str) -> (usize, Vec<(&'static str, usize)>) {
         macro_rules! layout {
@@ -324,6 +455,29 @@ mod tests {
             "lb4_maglev_key" => layout!(Lb4MaglevKey, rev_nat_index, block),
             "snat4_port_key" => layout!(Snat4PortKey, nat_addr, nat_port, proto),
             "snat4_port" => layout!(Snat4Port, remote_addr, remote_port),
+            "policy_key" => lpm(layout!(PolicyKey, ep_id, identity, direction, proto, dport)),
+            "policy_entry" => layout!(PolicyEntry, flags),
+            "ipcache_key" => lpm(layout!(IpcacheKey, addr)),
+            "ipcache_entry" => layout!(IpcacheEntry, identity, flags),
+            "endpoint_policy" => layout!(EndpointPolicy, flags, identity),
+            "policy_ct_key" => layout!(PolicyCtKey, saddr, daddr, sport, dport, proto, ep_id),
+            "flow_event" => layout!(
+                FlowEvent,
+                timestamp,
+                saddr,
+                daddr,
+                orig_daddr,
+                ep_id,
+                src_identity,
+                dst_identity,
+                sport,
+                dport,
+                orig_dport,
+                proto,
+                verdict,
+                reason,
+                direction
+            ),
             "lb4_maglev_block" => layout!(Lb4MaglevBlock, backend_ids),
             "lb4_affinity_key" => layout!(Lb4AffinityKey, client, rev_nat_index),
             "lb4_affinity" => layout!(Lb4Affinity, last_used, backend_id),

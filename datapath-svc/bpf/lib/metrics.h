@@ -15,7 +15,9 @@ enum weft_reason {
 	REASON_MASQUERADED = 6,    /* pod traffic leaving the cluster, SNATed */
 	REASON_NAT_EXHAUSTED = 7,  /* dropped: no free SNAT port */
 	REASON_FIB_FAILED = 8,     /* dropped: no route for a redirected packet */
-	REASON_SOCK_TRANSLATED = 9, /* a node socket's service address rewritten */
+		REASON_SOCK_TRANSLATED = 9, /* a node socket's service address rewritten */
+	REASON_POLICY_DENIED = 10, /* dropped: no network policy allows it */
+	REASON_POLICY_ALLOWED = 11, /* a new connection allowed by policy */
 	REASON_MAX = 16,
 };
 

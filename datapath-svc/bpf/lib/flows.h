@@ -1,0 +1,59 @@
+/* Flow events: one per connection decision (translated, forwarded by
+ * policy) and one per dropped packet, sent to datapath-svc through a ring
+ * buffer. */
+#ifndef WEFT_FLOWS_H
+#define WEFT_FLOWS_H
+
+#include "common.h"
+
+#define FLOWS_RING_SIZE (1 << 20)
+
+/* flow_event.verdict */
+#define FLOW_FORWARDED 1
+#define FLOW_DROPPED 2
+#define FLOW_TRANSLATED 3
+
+struct flow_event {
+	__u64 timestamp;    /* bpf_ktime_get_ns() */
+	__be32 saddr;
+	__be32 daddr;       /* after translation */
+	__be32 orig_daddr;  /* the frontend, for translations; else 0 */
+	__u32 ep_id;        /* the local endpoint (host veth ifindex), or 0 */
+	__u32 src_identity; /* 0 when not looked up */
+	__u32 dst_identity;
+	__be16 sport;
+	__be16 dport;
+	__be16 orig_dport;
+	__u8 proto;
+	__u8 verdict;       /* FLOW_* */
+	__u8 reason;        /* enum weft_reason */
+	__u8 direction;     /* DIR_INGRESS, DIR_EGRESS, or 0 */
+	__u8 pad[6];
+};
+
+#ifndef WEFT_LAYOUT_PROBE
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, FLOWS_RING_SIZE);
+} weft_flows SEC(".maps");
+
+static __always_inline void flow_emit(const struct flow_event *ev)
+{
+	/* A full ring drops the event, never the packet. */
+	bpf_ringbuf_output(&weft_flows, (void *)ev, sizeof(*ev), 0);
+}
+
+static __always_inline void flow_fill(struct flow_event *ev, const struct tuple4 *t, __u8 verdict, __u8 reason)
+{
+	ev->timestamp = bpf_ktime_get_ns();
+	ev->saddr = t->saddr;
+	ev->daddr = t->daddr;
+	ev->sport = t->sport;
+	ev->dport = t->dport;
+	ev->proto = t->proto;
+	ev->verdict = verdict;
+	ev->reason = reason;
+}
+#endif
+
+#endif
