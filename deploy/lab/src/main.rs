@@ -39,7 +39,10 @@ struct LabArgs {
     /// e.g. `http://127.0.0.1:4317`; it must answer at that address in the
     /// lab's namespaces as well as here.
     #[arg(long, env = "WEFT_LAB_OTLP_ENDPOINT")]
-    otlp_endpoint: Option<String>,
+        otlp_endpoint: Option<String>,
+    /// How pods reach other nodes: `native` routes or a VXLAN `tunnel`.
+    #[arg(long, default_value = "native", value_parser = ["native", "tunnel"])]
+    routing_mode: String,
 }
 
 impl LabArgs {
@@ -58,7 +61,8 @@ impl LabArgs {
         let mut cfg = LabConfig::new(&self.name, run_dir, bin_dir);
         cfg.nodes = usize::from(self.nodes);
         cfg.log_level = self.log_level.clone();
-        cfg.otlp_endpoint = self.otlp_endpoint.clone();
+                cfg.otlp_endpoint = self.otlp_endpoint.clone();
+        cfg.routing_mode = self.routing_mode.clone();
         Ok(cfg)
     }
 }
@@ -106,9 +110,12 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Cmd::PodServer { name, ports } => {
-            let servers = ports
+            // Every port's server starts before the first is awaited (a
+            // lazy iterator would start the next only after one ended).
+            let servers: Vec<_> = ports
                 .into_iter()
-                .map(|p| tokio::spawn(podserver::serve(name.clone(), p)));
+                .map(|p| tokio::spawn(podserver::serve(name.clone(), p)))
+                .collect();
             for s in servers {
                 s.await??;
             }
