@@ -241,13 +241,12 @@ pub fn service_frontends<'a>(
         .get(ALGORITHM_ANNOTATION)
         .and_then(|a| Algorithm::parse(a))
         .unwrap_or(node.default_algorithm);
-    let affinity_timeout = (svc.session_affinity() == SessionAffinity::ClientIp).then(|| {
-        if svc.session_affinity_timeout_seconds == 0 {
-            10800
-        } else {
-            svc.session_affinity_timeout_seconds
-        }
-    });
+    // Kubernetes' default ClientIP timeout is three hours.
+    let timeout = match svc.session_affinity_timeout_seconds {
+        0 => 10800,
+        t => t,
+    };
+    let affinity_timeout = (svc.session_affinity() == SessionAffinity::ClientIp).then_some(timeout);
     let addresses = frontend_addresses(svc);
     let mut out = Vec::new();
     for port in &svc.ports {
@@ -348,7 +347,7 @@ pub fn hostport_frontends(
             ));
         }
     }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out.sort_by_key(|(f, _)| *f);
     out.dedup_by(|a, b| a.0 == b.0);
     out
 }

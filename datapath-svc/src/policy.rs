@@ -26,6 +26,9 @@ use crate::{
 /// identity (which fit 16 bits).
 pub const CIDR_IDENTITY_BASE: u32 = 1 << 24;
 
+/// Container ports: (name, protocol, number).
+pub type NamedPorts = Vec<(String, Proto, u16)>;
+
 /// A pod on this node, as policy sees it.
 #[derive(Debug, Clone)]
 pub struct LocalEndpoint {
@@ -34,8 +37,8 @@ pub struct LocalEndpoint {
     pub namespace: String,
     pub labels: HashMap<String, String>,
     pub identity: u32,
-    /// Container ports: (name, protocol, number), for named ports.
-    pub ports: Vec<(String, Proto, u16)>,
+    /// Container ports, for named ports.
+    pub ports: NamedPorts,
 }
 
 /// A security identity and its labels.
@@ -51,7 +54,7 @@ pub struct PolicyInputs<'a> {
     pub endpoints: &'a [LocalEndpoint],
     /// Every pod of the cluster with a known identity: (identity, ports),
     /// to resolve named ports of egress rules.
-    pub pods: &'a [(u32, Vec<(String, Proto, u16)>)],
+    pub pods: &'a [(u32, NamedPorts)],
 }
 
 /// What the policy maps should hold.

@@ -304,10 +304,10 @@ pub async fn sync_routes(
             .attributes
             .iter()
             .any(|a| matches!(a, RouteAttribute::Oif(i) if Some(*i) == vxlan));
-        if !wanted.contains(&dst) || (vxlan.is_some() != via_vxlan) {
-            if let Err(e) = handle.route().del(r).execute().await {
-                tracing::warn!(%dst, error = %e, "removing a stale route");
-            }
+        if (!wanted.contains(&dst) || (vxlan.is_some() != via_vxlan))
+            && let Err(e) = handle.route().del(r).execute().await
+        {
+            tracing::warn!(%dst, error = %e, "removing a stale route");
         }
     }
     Ok(())
