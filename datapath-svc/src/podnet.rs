@@ -34,7 +34,7 @@ pub enum NetError {
 
 pub type Result<T, E = NetError> = std::result::Result<T, E>;
 
-fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetError {
+pub(crate) fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetError {
     let what = what.into();
     move |source| NetError::Netlink { what, source }
 }
@@ -80,7 +80,7 @@ pub fn connect() -> Result<Handle> {
     Ok(handle)
 }
 
-async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkMessage>> {
+pub(crate) async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkMessage>> {
     match handle
         .link()
         .get()

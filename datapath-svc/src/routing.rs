@@ -25,7 +25,7 @@ use netlink_packet_route::{
 };
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
-use crate::podnet::{NetError, Result};
+use crate::podnet::{NetError, Result, link_by_name, nl};
 
 /// The protocol number on weft's routes (`ip route show proto 42`).
 pub const ROUTE_PROTOCOL: u8 = 42;
@@ -50,11 +50,6 @@ pub struct Device {
     pub index: u32,
     pub addr: Ipv4Addr,
     pub mtu: u32,
-}
-
-fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetError {
-    let what = what.into();
-    move |source| NetError::Netlink { what, source }
 }
 
 fn link_name(link: &LinkMessage) -> Option<String> {
@@ -156,18 +151,7 @@ pub fn vtep_addr(cidr: Ipv4Net) -> Ipv4Addr {
 pub type Peers = BTreeMap<String, (Ipv4Net, Ipv4Addr)>;
 
 async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>> {
-    match handle
-        .link()
-        .get()
-        .match_name(name)
-        .execute()
-        .try_next()
-        .await
-    {
-        Ok(l) => Ok(l.map(|l| l.header.index)),
-        Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -libc::ENODEV => Ok(None),
-        Err(e) => Err(nl(format!("looking up {name}"))(e)),
-    }
+    Ok(link_by_name(handle, name).await?.map(|l| l.header.index))
 }
 
 /// Creates (or adopts) the VXLAN device for this node.
@@ -294,9 +278,9 @@ pub async fn sync_routes(
         .await
         .map_err(nl("listing routes"))?;
     for r in existing {
-        if r.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL)
-            || r.header.scope == RouteScope::Link
-        {
+        // Read back, 42 is a protocol with a name (babel), not `Other(42)`:
+        // compare the number.
+        if u8::from(r.header.protocol) != ROUTE_PROTOCOL || r.header.scope == RouteScope::Link {
             continue;
         }
         let Some(dst) = route_dst(&r) else { continue };
