@@ -560,6 +560,14 @@ fn store_failure(e: weft_common::store::StoreError) -> CniFailure {
     CniFailure::internal(cni_code::IO_FAILURE, e.to_string())
 }
 
+/// Whether `path` is a namespace file (`/run/netns/NAME`, `/proc/PID/ns/net`):
+/// anything else would fail deep inside netlink with a message that names
+/// nothing the runtime passed.
+fn is_netns(path: &Path) -> bool {
+    const NSFS_MAGIC: i64 = 0x6e73_6673;
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == NSFS_MAGIC)
+}
+
 /// Checks what the runtime passed, naming the offending variable.
 fn validate_attachment(req: &CniRequest, needs_netns: bool) -> Result<(), CniFailure> {
     if req.container_id.is_empty() {
@@ -600,6 +608,12 @@ fn validate_attachment(req: &CniRequest, needs_netns: bool) -> Result<(), CniFai
                 req.netns
             )));
         }
+        if !is_netns(Path::new(&req.netns)) {
+            return Err(CniFailure::invalid_env(format!(
+                "netns (CNI_NETNS) {} is not a network namespace",
+                req.netns
+            )));
+        }
     }
     Ok(())
 }
@@ -612,11 +626,24 @@ impl Agent {
         namespace: &str,
         name: &str,
     ) -> (u32, std::collections::BTreeMap<String, String>) {
+        let mirror = self.cluster.read().unwrap_or_else(|p| p.into_inner());
+        self.identity_in(&mirror, namespace, name)
+    }
+
+    /// [`Agent::identity_of`] for a caller that already holds the cluster
+    /// mirror: taking its read lock a second time on one thread deadlocks
+    /// as soon as a writer queues between the two (std's `RwLock` lets a
+    /// waiting writer go first).
+    pub fn identity_in(
+        &self,
+        mirror: &weft_common::watch::Mirror,
+        namespace: &str,
+        name: &str,
+    ) -> (u32, std::collections::BTreeMap<String, String>) {
         use weft_common::labels::{canonical_key, reserved, security_labels};
         use weft_common::watch::ObjKey;
         use weft_proto::watcher::v1::{Kind, Resource, resource};
 
-        let mirror = self.cluster.read().unwrap_or_else(|p| p.into_inner());
         let Some(Resource {
             kind: Some(resource::Kind::Pod(pod)),
         }) = mirror.get(&ObjKey::new(Kind::Pod, namespace, name))
@@ -681,5 +708,34 @@ mod tests {
         assert!(e.message.contains("does not exist"));
         validate_attachment(&req("abc", "eth0", ""), false).expect("DEL needs no netns");
         validate_attachment(&req("abc-1.2_3", "eth0", "/proc/self/ns/net"), true).expect("valid");
+        let e = validate_attachment(&req("abc", "eth0", "/tmp"), true).expect_err("not a netns");
+        assert!(e.message.contains("CNI_NETNS") && e.message.contains("not a network namespace"));
+    }
+
+    proptest::proptest! {
+        /// Whatever the runtime passes, the answer is a decision, never a
+        /// panic; a refusal is "invalid environment" naming the variable.
+        #[test]
+        fn arbitrary_attachments_are_accepted_or_refused_by_name(
+            cid in proptest::prelude::prop_oneof!["\\PC{0,80}", "[a-zA-Z0-9_.-]{0,70}"],
+            ifname in proptest::prelude::prop_oneof!["\\PC{0,20}", "[a-z0-9]{1,15}", proptest::prelude::Just(".".to_string())],
+            netns in proptest::prelude::prop_oneof!["\\PC{0,40}", proptest::prelude::Just("/proc/self/ns/net".to_string()), proptest::prelude::Just("/tmp".to_string())],
+            needs_netns in proptest::prelude::any::<bool>(),
+        ) {
+            match validate_attachment(&req(&cid, &ifname, &netns), needs_netns) {
+                Ok(()) => {
+                    proptest::prop_assert!(!cid.is_empty() && !ifname.is_empty() && ifname.len() <= 15);
+                    proptest::prop_assert!(!needs_netns || netns == "/proc/self/ns/net");
+                }
+                Err(e) => {
+                    proptest::prop_assert_eq!(e.cni_code, cni_code::INVALID_ENV);
+                    proptest::prop_assert_eq!(e.grpc, tonic::Code::InvalidArgument);
+                    proptest::prop_assert!(
+                        ["CNI_CONTAINERID", "CNI_IFNAME", "CNI_NETNS"].iter().any(|v| e.message.contains(v)),
+                        "{}", e.message
+                    );
+                }
+            }
+        }
     }
 }

@@ -302,7 +302,7 @@ fn inputs(agent: &crate::agent::Agent) -> (DesiredPolicy, BTreeMap<Ipv4Net, u32>
         let Ok(ep_id) = nix::net::if_::if_nametoindex(record.host_ifname.as_str()) else {
             continue;
         };
-        let (identity, _) = agent.identity_of(&record.pod_namespace, &record.pod_name);
+        let (identity, _) = agent.identity_in(&mirror, &record.pod_namespace, &record.pod_name);
         let pod = match mirror.get(&ObjKey::new(
             Kind::Pod,
             &record.pod_namespace,
