@@ -10,9 +10,7 @@ use std::{
 
 use weft_e2e::{TestLab, eventually, run_in_netns, tool};
 use weft_lab::podserver::{in_pod, tcp_who, udp_who};
-use weft_proto::datapath::v1::{
-    ListServicesRequest, StatusRequest, datapath_client::DatapathClient,
-};
+use weft_proto::datapath::v1::StatusRequest;
 
 const SERVICE: &str = r#"
 apiVersion: v1
@@ -35,68 +33,7 @@ spec:
 "#;
 
 fn pod(name: &str, app: &str) -> String {
-    format!(
-        r#"
-apiVersion: v1
-kind: Pod
-metadata:
-  name: {name}
-  namespace: default
-  labels:
-    app: {app}
-spec:
-  containers:
-    - name: server
-      image: weft-lab/pod-server
-      ports:
-        - containerPort: 8080
-"#
-    )
-}
-
-async fn cluster_ip(lab: &TestLab, name: &str) -> Ipv4Addr {
-    eventually(Duration::from_secs(10), "cluster IP allocated", || async {
-        lab.manifests
-            .read()
-            .services
-            .iter()
-            .find(|(_, s)| s.metadata.name.as_deref() == Some(name))
-            .and_then(|(_, s)| s.spec.as_ref()?.cluster_ip.as_ref()?.parse().ok())
-            .ok_or_else(|| anyhow::anyhow!("no cluster IP yet"))
-    })
-    .await
-}
-
-/// Waits until the datapath programs `frontend` with exactly `n` backends.
-async fn wait_backends(lab: &TestLab, frontend: &str, n: usize) {
-    let node = lab.node_names()[0].clone();
-    let mut dp = DatapathClient::new(
-        lab.channel(&format!("datapath-svc/{node}"))
-            .expect("channel"),
-    );
-    eventually(
-        Duration::from_secs(10),
-        &format!("{frontend} has {n} backends"),
-        || {
-            let mut dp = dp.clone();
-            async move {
-                let services = dp
-                    .list_services(ListServicesRequest {})
-                    .await?
-                    .into_inner()
-                    .services;
-                let got = services
-                    .iter()
-                    .find(|s| s.frontend == frontend)
-                    .map(|s| s.backends.len())
-                    .unwrap_or(0);
-                anyhow::ensure!(got == n, "{got} backends");
-                Ok(())
-            }
-        },
-    )
-    .await;
-    let _ = &mut dp;
+    weft_e2e::pod_manifest("default", name, &[("app", app)], None, None)
 }
 
 /// Sends `n` TCP connections and `n` UDP datagrams (each from a fresh
@@ -130,6 +67,7 @@ fn call(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clusterip_balances_tcp_and_udp_and_follows_backend_removal() {
     let lab = TestLab::up("clusterip_balances", 1).await;
+    let node = lab.node_names()[0].clone();
     lab.manifests
         .apply_yaml("service-web.yaml", SERVICE)
         .expect("apply");
@@ -147,9 +85,9 @@ async fn clusterip_balances_tcp_and_udp_and_follows_backend_removal() {
             .await
             .expect("pod ready");
     }
-    let vip = cluster_ip(&lab, "web").await;
-    wait_backends(&lab, &format!("{vip}:80/TCP"), 2).await;
-    wait_backends(&lab, &format!("{vip}:53/UDP"), 2).await;
+    let vip = lab.cluster_ip("web").await;
+    lab.wait_frontend(&node, &format!("{vip}:80/TCP"), 2).await;
+    lab.wait_frontend(&node, &format!("{vip}:53/UDP"), 2).await;
 
     let (tcp, udp) = call(&lab, "client", vip, 50);
     println!("50 TCP connections to {vip}:80 answered by {tcp:?}");
@@ -302,11 +240,8 @@ async fn bad_cni_input_gets_the_spec_error_and_leaves_the_datapath_alone() {
 
     // The datapath is unaffected: healthy, nothing attached, and a real pod
     // still gets plumbed and answers through a Service.
-    let mut dp = DatapathClient::new(
-        lab.channel(&format!("datapath-svc/{node}"))
-            .expect("channel"),
-    );
-    let status = dp
+    let status = lab
+        .datapath(&node)
         .status(StatusRequest {})
         .await
         .expect("status")
@@ -330,8 +265,8 @@ async fn bad_cni_input_gets_the_spec_error_and_leaves_the_datapath_alone() {
     lab.wait_pod_ready("default", "client", Duration::from_secs(30))
         .await
         .expect("ready");
-    let vip = cluster_ip(&lab, "web").await;
-    wait_backends(&lab, &format!("{vip}:80/TCP"), 1).await;
+    let vip = lab.cluster_ip("web").await;
+    lab.wait_frontend(&node, &format!("{vip}:80/TCP"), 1).await;
     let (tcp, _) = call(&lab, "client", vip, 5);
     assert_eq!(tcp.get("backend-1"), Some(&5));
     lab.down().await;

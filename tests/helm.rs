@@ -18,6 +18,9 @@ use std::{
 use serde_yaml::Value;
 use weft_e2e::{bin_dir, tool};
 
+#[path = "../common/tests/pki/mod.rs"]
+mod pki;
+
 /// A Kubernetes version kubernetes-validate bundles schemas for, and one
 /// that has the gRPC probes the chart uses.
 const KUBERNETES_VERSION: &str = "1.32.0";
@@ -477,9 +480,59 @@ fn environment(c: &Value, pod_name: &str, config: &Value) -> BTreeMap<String, St
     env
 }
 
+/// Stands in for the kubelet mounting the pod's Secret volumes: each
+/// Secret mounted by `c` gets a directory holding a test CA's `ca.crt` and a
+/// `tls.crt`/`tls.key` it signed (the layout of a kubernetes.io/tls Secret
+/// with a CA, as the chart expects); returns (mountPath, directory) pairs.
+fn mount_secrets(
+    workload: &Value,
+    c: &Value,
+    ca: &pki::Ca,
+    scratch: &Path,
+) -> Vec<(String, PathBuf)> {
+    let secrets: BTreeSet<&str> = pod_spec(workload)["volumes"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter(|v| v["secret"].is_mapping())
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    c["volumeMounts"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["name"].as_str().is_some_and(|n| secrets.contains(n)))
+        .map(|m| {
+            let path = m["mountPath"].as_str().expect("mountPath").to_string();
+            let dir = scratch.join(format!("{}-{}", name(workload), path.replace('/', "_")));
+            std::fs::create_dir_all(&dir).expect("secret directory");
+            ca.leaf(name(workload), &[name(workload)])
+                .write(&dir, "tls");
+            (path, dir)
+        })
+        .collect()
+}
+
+/// `value` with a mounted path moved to where the test put the files.
+fn remount(value: &str, mounts: &[(String, PathBuf)]) -> String {
+    for (path, dir) in mounts {
+        if let Some(rest) = value.strip_prefix(path.as_str()) {
+            return format!("{}{rest}", dir.display());
+        }
+        if let Some((flag, v)) = value.split_once('=')
+            && let Some(rest) = v.strip_prefix(path.as_str())
+        {
+            return format!("{flag}={}{rest}", dir.display());
+        }
+    }
+    value.to_string()
+}
+
 #[test]
 fn rendered_command_lines_are_accepted_by_the_binaries() {
     let bins = bin_dir();
+    let ca = pki::Ca::new("weft-test-ca");
+    let scratch = tempfile::tempdir().expect("tempdir");
     for (what, values) in value_sets() {
         let docs = render(values.as_deref());
         let config = find(&docs, "ConfigMap", "weft-config");
@@ -505,7 +558,12 @@ fn rendered_command_lines_are_accepted_by_the_binaries() {
                     .cloned()
                     .chain(strings(&c["args"]))
                     .collect();
-                let env = environment(c, name(workload), config);
+                let mounts = mount_secrets(workload, c, &ca, scratch.path());
+                let args: Vec<String> = args.iter().map(|a| remount(a, &mounts)).collect();
+                let env: BTreeMap<String, String> = environment(c, name(workload), config)
+                    .into_iter()
+                    .map(|(k, v)| (k, remount(&v, &mounts)))
+                    .collect();
                 let out = Command::new(&path)
                     .env_clear()
                     .envs(&env)

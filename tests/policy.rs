@@ -46,9 +46,7 @@ spec:
 "#;
 
 fn pod(ns: &str, name: &str, app: &str, node: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:\n    app: {app}\nspec:\n  nodeName: {node}\n  containers:\n    - name: server\n      image: weft-lab/pod-server\n      ports:\n        - name: http\n          containerPort: 8080\n"
-    )
+    weft_e2e::pod_manifest(ns, name, &[("app", app)], Some(node), None)
 }
 
 const DENY_INGRESS: &str = r#"

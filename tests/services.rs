@@ -3,14 +3,9 @@
 //! outside the cluster; Maglev and random selection, ClientIP affinity, Local
 //! traffic policies and draining of terminating endpoints.
 
-use std::{
-    collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr},
-    path::PathBuf,
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
-use weft_e2e::{TestLab, eventually};
+use weft_e2e::TestLab;
 use weft_lab::{
     net::netns_path,
     podserver::{
@@ -18,25 +13,12 @@ use weft_lab::{
         udp_who,
     },
 };
-use weft_proto::datapath::v1::{ListServicesRequest, datapath_client::DatapathClient};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A pod running the lab server, pinned to a node when one is given.
 fn pod(name: &str, labels: &[(&str, &str)], node: Option<&str>, host_port: Option<u16>) -> String {
-    let labels: String = labels
-        .iter()
-        .map(|(k, v)| format!("    {k}: {v}\n"))
-        .collect();
-    let node = node
-        .map(|n| format!("  nodeName: {n}\n"))
-        .unwrap_or_default();
-    let host_port = host_port
-        .map(|p| format!("          hostPort: {p}\n"))
-        .unwrap_or_default();
-    format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n{labels}spec:\n{node}  containers:\n    - name: server\n      image: weft-lab/pod-server\n      ports:\n        - containerPort: 8080\n{host_port}"
-    )
+    weft_e2e::pod_manifest("default", name, labels, node, host_port)
 }
 
 async fn wait_pods(lab: &TestLab, names: &[&str]) {
@@ -45,49 +27,6 @@ async fn wait_pods(lab: &TestLab, names: &[&str]) {
             .await
             .expect("pod ready");
     }
-}
-
-async fn cluster_ip(lab: &TestLab, name: &str) -> Ipv4Addr {
-    eventually(Duration::from_secs(10), "cluster IP allocated", || async {
-        lab.manifests
-            .read()
-            .services
-            .iter()
-            .find(|(_, s)| s.metadata.name.as_deref() == Some(name))
-            .and_then(|(_, s)| s.spec.as_ref()?.cluster_ip.as_ref()?.parse().ok())
-            .ok_or_else(|| anyhow::anyhow!("no cluster IP yet"))
-    })
-    .await
-}
-
-/// Waits until `node`'s datapath programs `frontend` with `n` backends.
-async fn wait_frontend(lab: &TestLab, node: &str, frontend: &str, n: usize) {
-    let dp = DatapathClient::new(
-        lab.channel(&format!("datapath-svc/{node}"))
-            .expect("channel"),
-    );
-    eventually(
-        Duration::from_secs(15),
-        &format!("{node}: {frontend} with {n} backends"),
-        || {
-            let mut dp = dp.clone();
-            async move {
-                let services = dp
-                    .list_services(ListServicesRequest {})
-                    .await?
-                    .into_inner()
-                    .services;
-                let got = services
-                    .iter()
-                    .find(|s| s.frontend == frontend)
-                    .map(|s| s.backends.iter().filter(|b| b.state == "active").count())
-                    .unwrap_or(0);
-                anyhow::ensure!(got == n, "{got} active backends");
-                Ok(())
-            }
-        },
-    )
-    .await;
 }
 
 /// Where a client runs: a pod, a node itself, or outside the cluster.
@@ -196,18 +135,17 @@ async fn every_service_type_answers_everywhere(routing_mode: &str) {
         &["web-1", "web-2", "hostport-1", "client-1", "client-2"],
     )
     .await;
-    let vip = cluster_ip(&lab, "web").await;
+    let vip = lab.cluster_ip("web").await;
     for node in [&n1, &n2] {
-        wait_frontend(&lab, node, &format!("{vip}:80/TCP"), 2).await;
-        wait_frontend(
-            &lab,
+        lab.wait_frontend(node, &format!("{vip}:80/TCP"), 2).await;
+        lab.wait_frontend(
             node,
             &format!("{}:30080/TCP", lab.node_addr(node).expect("addr")),
             2,
         )
         .await;
     }
-    wait_frontend(&lab, &n1, &format!("{ip1}:8081/TCP"), 1).await;
+    lab.wait_frontend(&n1, &format!("{ip1}:8081/TCP"), 1).await;
 
     let clients = [
         From::Pod("client-1"),
@@ -356,9 +294,9 @@ spec:
             .expect("apply");
     }
     wait_pods(&lab, &["local-1", "local-2", "client-1", "client-2"]).await;
-    let vip = cluster_ip(&lab, "local").await;
-    wait_frontend(&lab, &n1, &format!("{ip1}:30090/TCP"), 1).await;
-    wait_frontend(&lab, &n2, &format!("{ip2}:30090/TCP"), 1).await;
+    let vip = lab.cluster_ip("local").await;
+    lab.wait_frontend(&n1, &format!("{ip1}:30090/TCP"), 1).await;
+    lab.wait_frontend(&n2, &format!("{ip2}:30090/TCP"), 1).await;
 
     let outside = From::Outside.netns(&lab);
     for (ip, expect) in [(ip1, "local-1"), (ip2, "local-2")] {
@@ -469,11 +407,11 @@ async fn maglev_random_and_affinity_select_backends_as_designed() {
         .chain(["client-a", "client-b"])
         .collect();
     wait_pods(&lab, &all).await;
-    let maglev_vip = cluster_ip(&lab, "maglev").await;
-    let random_vip = cluster_ip(&lab, "random").await;
-    let sticky_vip = cluster_ip(&lab, "sticky").await;
+    let maglev_vip = lab.cluster_ip("maglev").await;
+    let random_vip = lab.cluster_ip("random").await;
+    let sticky_vip = lab.cluster_ip("sticky").await;
     for vip in [maglev_vip, random_vip, sticky_vip] {
-        wait_frontend(&lab, &node, &format!("{vip}:80/TCP"), 10).await;
+        lab.wait_frontend(&node, &format!("{vip}:80/TCP"), 10).await;
     }
 
     // Random: 1,000 connections reach every backend.
@@ -532,7 +470,8 @@ async fn maglev_random_and_affinity_select_backends_as_designed() {
     let removed = "many-3";
     std::fs::remove_file(lab.manifests.root().join(format!("pod-{removed}.yaml")))
         .expect("remove backend");
-    wait_frontend(&lab, &node, &format!("{maglev_vip}:80/TCP"), 9).await;
+    lab.wait_frontend(&node, &format!("{maglev_vip}:80/TCP"), 9)
+        .await;
     let after = replay(flows);
     let on_removed = before.values().filter(|b| *b == removed).count();
     let moved_others = before
@@ -594,9 +533,9 @@ spec:
             .expect("apply");
     }
     wait_pods(&lab, &["files-1", "files-2", "client"]).await;
-    let vip = cluster_ip(&lab, "files").await;
+    let vip = lab.cluster_ip("files").await;
     let frontend = format!("{vip}:80/TCP");
-    wait_frontend(&lab, &node, &frontend, 2).await;
+    lab.wait_frontend(&node, &frontend, 2).await;
 
     // 8 MB, read at about 2 MB/s: a transfer of about four seconds.
     const SIZE: u64 = 8 << 20;
@@ -616,7 +555,7 @@ spec:
         .expect("transfer started");
     lab.mark_terminating("default", &serving)
         .expect("terminating");
-    wait_frontend(&lab, &node, &frontend, 1).await;
+    lab.wait_frontend(&node, &frontend, 1).await;
     let during = ask(
         &lab,
         &From::Pod("client"),

@@ -18,22 +18,7 @@ const POD: &str = "traced";
 const APP: &str = "traced-app";
 
 fn pod(node: &str) -> String {
-    format!(
-        r#"
-apiVersion: v1
-kind: Pod
-metadata:
-  name: {POD}
-  namespace: default
-  labels:
-    app: {APP}
-spec:
-  nodeName: {node}
-  containers:
-    - name: server
-      image: weft-lab/pod-server
-"#
-    )
+    weft_e2e::pod_manifest("default", POD, &[("app", APP)], Some(node), None)
 }
 
 /// The spans of the trace the plugin's `CNI ADD` for the pod started,

@@ -112,7 +112,10 @@ pub fn label_selector_matches<'a>(
     selector: &weft_proto::watcher::v1::LabelSelector,
     get: impl Fn(&str) -> Option<&'a str>,
 ) -> bool {
-    selector.match_labels.iter().all(|(k, v)| get(k) == Some(v.as_str()))
+    selector
+        .match_labels
+        .iter()
+        .all(|(k, v)| get(k) == Some(v.as_str()))
         && selector.match_expressions.iter().all(|r| {
             let value = get(&r.key);
             match r.operator.as_str() {
@@ -164,7 +167,7 @@ mod tests {
         );
     }
 
-        #[test]
+    #[test]
     fn label_selectors_follow_kubernetes_semantics() {
         use weft_proto::watcher::v1::{LabelSelector, LabelSelectorRequirement};
         let labels = map(&[("app", "web"), ("tier", "front")]);
@@ -174,19 +177,40 @@ mod tests {
             operator: op.into(),
             values: values.iter().map(|v| v.to_string()).collect(),
         };
-        assert!(label_selector_matches(&LabelSelector::default(), get), "empty selects all");
+        assert!(
+            label_selector_matches(&LabelSelector::default(), get),
+            "empty selects all"
+        );
         let sel = |labels: &[(&str, &str)], exprs: Vec<LabelSelectorRequirement>| LabelSelector {
             match_labels: map(labels),
             match_expressions: exprs,
         };
         assert!(label_selector_matches(&sel(&[("app", "web")], vec![]), get));
         assert!(!label_selector_matches(&sel(&[("app", "db")], vec![]), get));
-        assert!(label_selector_matches(&sel(&[], vec![req("tier", "In", &["front", "back"])]), get));
-        assert!(!label_selector_matches(&sel(&[], vec![req("tier", "NotIn", &["front"])]), get));
-        assert!(label_selector_matches(&sel(&[], vec![req("env", "NotIn", &["prod"])]), get));
-        assert!(label_selector_matches(&sel(&[], vec![req("app", "Exists", &[])]), get));
-        assert!(label_selector_matches(&sel(&[], vec![req("env", "DoesNotExist", &[])]), get));
-        assert!(!label_selector_matches(&sel(&[], vec![req("app", "Bogus", &[])]), get));
+        assert!(label_selector_matches(
+            &sel(&[], vec![req("tier", "In", &["front", "back"])]),
+            get
+        ));
+        assert!(!label_selector_matches(
+            &sel(&[], vec![req("tier", "NotIn", &["front"])]),
+            get
+        ));
+        assert!(label_selector_matches(
+            &sel(&[], vec![req("env", "NotIn", &["prod"])]),
+            get
+        ));
+        assert!(label_selector_matches(
+            &sel(&[], vec![req("app", "Exists", &[])]),
+            get
+        ));
+        assert!(label_selector_matches(
+            &sel(&[], vec![req("env", "DoesNotExist", &[])]),
+            get
+        ));
+        assert!(!label_selector_matches(
+            &sel(&[], vec![req("app", "Bogus", &[])]),
+            get
+        ));
     }
 
     #[test]

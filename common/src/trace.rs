@@ -8,7 +8,7 @@
 //! interceptor that writes the current span's context into the request's
 //! metadata:
 //!
-//! ```ignore
+//! ```text
 //! let client = IdentityClient::new(weft_common::trace::traced(channel));
 //! // or, for one call:
 //! let mut request = tonic::Request::new(message);

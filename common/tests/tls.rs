@@ -68,15 +68,16 @@ async fn only_clients_with_a_certificate_from_the_ca_get_in() {
         .connect_lazy();
     let refused = check(no_cert).await;
     outcomes.push(format!("no client certificate: {refused:?}"));
-    assert!(refused.is_err(), "a client without a certificate is refused");
+    assert!(
+        refused.is_err(),
+        "a client without a certificate is refused"
+    );
 
     let stranger = other.leaf("intruder", &["intruder"]);
     let stranger_trusting_ours =
         TlsConfig::from_pem(stranger.cert.clone(), stranger.key.clone(), ca.pem());
-    let refused = check(
-        lazy_channel_tls(&target, Some(&stranger_trusting_ours)).expect("channel"),
-    )
-    .await;
+    let refused =
+        check(lazy_channel_tls(&target, Some(&stranger_trusting_ours)).expect("channel")).await;
     outcomes.push(format!("certificate from another CA: {refused:?}"));
     assert!(
         refused.is_err(),

@@ -36,6 +36,8 @@ pub struct Target {
     pub service: &'static str,
     pub address: String,
     pub timeout: Duration,
+    /// Mutual TLS, when the services require it.
+    pub tls: Option<weft_common::tls::TlsConfig>,
 }
 
 impl Target {
@@ -44,22 +46,38 @@ impl Target {
             service,
             address: address.to_string(),
             timeout,
+            tls: None,
         }
+    }
+
+    /// Connects over mutual TLS with `tls` (`http://` addresses are then
+    /// dialled as `https://`).
+    pub fn with_tls(mut self, tls: Option<weft_common::tls::TlsConfig>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Connects now (not lazily), so an unreachable service is reported as
     /// such rather than as a failed call.
     pub async fn connect(&self) -> Result<Channel, CtlError> {
-        let uri = if self.address.contains("://") {
-            self.address.clone()
-        } else {
-            format!("http://{}", self.address)
+        let rest = self.address.split_once("://").map(|(_, rest)| rest);
+        let uri = match (rest, &self.tls) {
+            (Some(rest), Some(_)) => format!("https://{rest}"),
+            (Some(_), None) => self.address.clone(),
+            (None, Some(_)) => format!("https://{}", self.address),
+            (None, None) => format!("http://{}", self.address),
         };
-        let endpoint = Endpoint::from_shared(uri).map_err(|e| CtlError::BadAddress {
+        let bad = |reason: String| CtlError::BadAddress {
             service: self.service,
             address: self.address.clone(),
-            reason: e.to_string(),
-        })?;
+            reason,
+        };
+        let mut endpoint = Endpoint::from_shared(uri).map_err(|e| bad(e.to_string()))?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint
+                .tls_config(tls.client())
+                .map_err(|e| bad(error_chain(&e)))?;
+        }
         let endpoint = endpoint.connect_timeout(self.timeout).timeout(self.timeout);
         match tokio::time::timeout(self.timeout, endpoint.connect()).await {
             Ok(Ok(channel)) => Ok(channel),

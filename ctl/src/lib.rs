@@ -79,8 +79,45 @@ pub struct Cli {
     #[arg(long, global = true, env = "WEFT_TIMEOUT", default_value = "5s", value_parser = connect::parse_duration)]
     pub timeout: Duration,
 
+    /// Mutual TLS to the services (--tls-cert, --tls-key, --tls-ca,
+    /// --tls-server-name), as they are configured.
+    #[arg(skip)]
+    pub tls: Option<weft_common::tls::TlsConfig>,
+
+    #[command(flatten)]
+    pub tls_files: TlsArgs,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The TLS files, for clusters whose services require mTLS.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsArgs {
+    /// PEM client certificate, from the CA the services trust.
+    #[arg(long, global = true, env = "WEFT_TLS_CERT")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, global = true, env = "WEFT_TLS_KEY")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// PEM CA bundle the services' certificates must chain to.
+    #[arg(long, global = true, env = "WEFT_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// The name expected in the services' certificates, if not the host dialled.
+    #[arg(long, global = true, env = "WEFT_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
+}
+
+impl TlsArgs {
+    /// The TLS configuration the flags name; `None` for plaintext.
+    pub fn load(&self) -> Result<Option<weft_common::tls::TlsConfig>, weft_common::tls::TlsError> {
+        Ok(weft_common::tls::TlsConfig::load(
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+            self.tls_ca.as_deref(),
+        )?
+        .map(|t| t.with_server_name(self.tls_server_name.clone())))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -161,7 +198,9 @@ pub struct Report {
 /// Runs the command. Failing to reach the one service a list command needs
 /// is an error; `status` reports every failure in its output instead.
 pub async fn run(cli: &Cli) -> Result<Report, CtlError> {
-    let target = |service: &'static str, address: &str| Target::new(service, address, cli.timeout);
+    let target = |service: &'static str, address: &str| {
+        Target::new(service, address, cli.timeout).with_tls(cli.tls.clone())
+    };
     let datapath = target("datapath-svc", &cli.datapath);
     match cli.command {
         Command::Status => {
@@ -239,7 +278,8 @@ pub async fn flows(
     args: &FlowsArgs,
     mut emit: impl FnMut(&str),
 ) -> Result<(), CtlError> {
-    let datapath = Target::new("datapath-svc", &cli.datapath, cli.timeout);
+    let datapath =
+        Target::new("datapath-svc", &cli.datapath, cli.timeout).with_tls(cli.tls.clone());
     let mut client = DatapathClient::new(datapath.connect().await?);
     let request = FlowsRequest {
         follow: args.follow,
@@ -293,11 +333,12 @@ async fn status(cli: &Cli) -> StatusReport {
         ("identity-svc", &cli.identity),
         ("datapath-svc", &cli.datapath),
     ];
-    let checks = services
-        .iter()
-        .map(|(name, address)| health(Target::new(name, address, cli.timeout)));
-    let datapath = Target::new("datapath-svc", &cli.datapath, cli.timeout);
-    let ipam = Target::new("ipam-svc", &cli.ipam, cli.timeout);
+    let checks = services.iter().map(|(name, address)| {
+        health(Target::new(name, address, cli.timeout).with_tls(cli.tls.clone()))
+    });
+    let datapath =
+        Target::new("datapath-svc", &cli.datapath, cli.timeout).with_tls(cli.tls.clone());
+    let ipam = Target::new("ipam-svc", &cli.ipam, cli.timeout).with_tls(cli.tls.clone());
     let (health, datapath, ipam) = tokio::join!(
         join_all(checks),
         datapath_status(&datapath),

@@ -5,7 +5,14 @@ use std::{io::Write as _, process::ExitCode};
 use clap::Parser as _;
 
 fn main() -> ExitCode {
-    let cli = weftctl::Cli::parse();
+    let mut cli = weftctl::Cli::parse();
+    match cli.tls_files.load() {
+        Ok(tls) => cli.tls = tls,
+        Err(e) => {
+            eprintln!("weftctl: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -1,9 +1,12 @@
 //! Follows ipam-svc (this node's pod CIDR) and identity-svc (the identity
 //! table). Both streams reconnect with back-off; what they delivered last is
-//! kept (the CIDR on disk), so pods keep getting addresses while either
-//! service is away.
+//! kept (the CIDRs on disk), so pods keep getting addresses, and routes to
+//! other nodes stay, while either service is away.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -44,9 +47,72 @@ async fn pause(backoff: &mut Backoff, shutdown: &CancellationToken) -> bool {
     }
 }
 
+/// Where every node's pod CIDR is cached (node name -> CIDR), for routes to
+/// other nodes.
+const ALLOCATIONS_TREE: &str = "node_cidrs";
+
+/// Every node's pod CIDR as last heard from ipam-svc. Loaded before anything
+/// computes routes: a datapath that starts while ipam-svc is away must not
+/// take the routes to other nodes' pods down because it knows of no node.
+pub fn cached_allocations(
+    store: &weft_common::store::Store,
+) -> anyhow::Result<BTreeMap<String, ipnet::Ipv4Net>> {
+    let tree = store.raw_tree(ALLOCATIONS_TREE)?;
+    let mut out = BTreeMap::new();
+    for entry in tree.iter() {
+        let (k, v) = entry?;
+        let (Ok(node), Some(cidr)) = (
+            String::from_utf8(k.to_vec()),
+            std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()),
+        ) else {
+            continue;
+        };
+        out.insert(node, cidr);
+    }
+    Ok(out)
+}
+
+/// Writes one node's allocation (or its release) to the cache.
+fn cache_allocation(agent: &Agent, node: &str, cidr: Option<ipnet::Ipv4Net>) -> anyhow::Result<()> {
+    let tree = agent.store.raw_tree(ALLOCATIONS_TREE)?;
+    match cidr {
+        Some(c) => tree.insert(node, c.to_string().as_bytes())?,
+        None => tree.remove(node)?,
+    };
+    Ok(())
+}
+
+/// Replaces the cache with a complete table.
+async fn cache_allocations(
+    agent: &Agent,
+    table: &BTreeMap<String, ipnet::Ipv4Net>,
+) -> anyhow::Result<()> {
+    let tree = agent.store.raw_tree(ALLOCATIONS_TREE)?;
+    for entry in tree.iter() {
+        let (k, _) = entry?;
+        if !String::from_utf8(k.to_vec()).is_ok_and(|n| table.contains_key(&n)) {
+            tree.remove(k)?;
+        }
+    }
+    for (node, cidr) in table {
+        tree.insert(node.as_str(), cidr.to_string().as_bytes())?;
+    }
+    agent.store.flush().await?;
+    Ok(())
+}
+
 /// Applies one ipam-svc event: every node's CIDR is kept for routing, and
 /// this node's also for pod addresses (and on disk, for the next start).
-async fn apply_allocation(agent: &Agent, event: Option<allocation_event::Event>) {
+///
+/// Each stream starts with a snapshot, collected in `staging` and swapped
+/// in whole at its SYNCED: a node released while the stream was down is
+/// then forgotten, and until then the table (cached, or from the previous
+/// stream) stays as it was.
+async fn apply_allocation(
+    agent: &Agent,
+    event: Option<allocation_event::Event>,
+    staging: &mut Option<BTreeMap<String, ipnet::Ipv4Net>>,
+) {
     match event {
         Some(allocation_event::Event::Allocated(a)) => {
             let cidr = match a.cidr.parse::<ipnet::Ipv4Net>() {
@@ -65,22 +131,50 @@ async fn apply_allocation(agent: &Agent, event: Option<allocation_event::Event>)
                 }
                 agent.ipam.set_cidr(cidr);
             }
-            agent
-                .allocations
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(a.node, cidr);
-            agent.routes_dirty.notify_one();
+            match staging {
+                Some(table) => {
+                    table.insert(a.node, cidr);
+                }
+                None => {
+                    if let Err(e) = cache_allocation(agent, &a.node, Some(cidr)) {
+                        tracing::warn!(error = %e, "caching node CIDRs");
+                    }
+                    agent
+                        .allocations
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(a.node, cidr);
+                    agent.routes_dirty.notify_one();
+                }
+            }
         }
-        Some(allocation_event::Event::Released(node)) => {
-            agent
-                .allocations
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&node);
-            agent.routes_dirty.notify_one();
+        Some(allocation_event::Event::Released(node)) => match staging {
+            Some(table) => {
+                table.remove(&node);
+            }
+            None => {
+                if let Err(e) = cache_allocation(agent, &node, None) {
+                    tracing::warn!(error = %e, "caching node CIDRs");
+                }
+                agent
+                    .allocations
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&node);
+                agent.routes_dirty.notify_one();
+            }
+        },
+        Some(allocation_event::Event::Synced(_)) => {
+            if let Some(table) = staging.take() {
+                if let Err(e) = cache_allocations(agent, &table).await {
+                    tracing::warn!(error = %e, "caching node CIDRs");
+                }
+                tracing::info!(nodes = table.len(), "node CIDRs synced");
+                *agent.allocations.lock().unwrap_or_else(|p| p.into_inner()) = table;
+                agent.routes_dirty.notify_one();
+            }
         }
-        Some(allocation_event::Event::Synced(_)) | None => {}
+        None => {}
     }
 }
 
@@ -158,6 +252,7 @@ pub async fn follow_ipam(agent: Arc<Agent>, channel: Channel, shutdown: Cancella
             Ok(response) => {
                 agent.peers.ipam.send_replace(true);
                 let mut stream = response.into_inner();
+                let mut staging = Some(BTreeMap::new());
                 loop {
                     let msg = tokio::select! {
                         _ = shutdown.cancelled() => return,
@@ -166,7 +261,7 @@ pub async fn follow_ipam(agent: Arc<Agent>, channel: Channel, shutdown: Cancella
                     match msg {
                         Ok(Some(ev)) => {
                             backoff.reset();
-                            apply_allocation(&agent, ev.event).await;
+                            apply_allocation(&agent, ev.event, &mut staging).await;
                         }
                         Ok(None) => break,
                         Err(status) => {

@@ -316,6 +316,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         policy,
     }));
 
+    *agent.allocations.lock().unwrap_or_else(|p| p.into_inner()) =
+        control::cached_allocations(&agent.store)?;
     let restored = agent.restore_endpoints().await?;
     agent.drain_del_queue(&args.cni_del_queue_dir).await;
     let mut controller = LbController::default();

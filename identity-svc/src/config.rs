@@ -70,6 +70,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     pub store: StoreKind,
     pub kubeconfig: Option<PathBuf>,
+    /// Mutual TLS for the gRPC listener and the svc-watcher client.
+    pub tls: Option<weft_common::tls::TlsConfig>,
 }
 
 impl Config {
@@ -94,6 +96,7 @@ impl Config {
             gc_grace_period: args.gc_grace_period,
             gc_interval: args.gc_interval,
             metrics_listen: args.common.metrics_addr()?,
+            tls: args.common.tls()?,
         })
     }
 }

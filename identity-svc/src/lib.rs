@@ -115,7 +115,7 @@ pub async fn serve_with<S: store::IdentityStore>(
     let ids = Arc::new(state::Identities::open(store, metrics, config.gc_grace_period).await?);
     weft_common::metrics::spawn(config.metrics_listen, registry, shutdown.clone());
 
-    let channel = weft_common::client::lazy_channel(&config.watcher)
+    let channel = weft_common::client::lazy_channel_tls(&config.watcher, config.tls.as_ref())
         .with_context(|| format!("--watcher {:?}", config.watcher))?;
     let events = weft_common::watch::subscribe(
         channel,
@@ -142,6 +142,7 @@ pub async fn serve_with<S: store::IdentityStore>(
     ));
 
     let server = GrpcServer::new()
+        .tls(config.tls.clone())
         .add_service(grpc::IdentityService::new(ids, shutdown.clone()).server())
         .serve_tcp(listener, shutdown.clone());
     let served = tokio::select! {

@@ -160,6 +160,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     pub store: StoreKind,
     pub kubeconfig: Option<PathBuf>,
+    /// Mutual TLS for the gRPC listener and the svc-watcher client.
+    pub tls: Option<weft_common::tls::TlsConfig>,
 }
 
 impl Config {
@@ -192,6 +194,7 @@ impl Config {
             pools,
             mask,
             metrics_listen: args.common.metrics_addr()?,
+            tls: args.common.tls()?,
         })
     }
 }

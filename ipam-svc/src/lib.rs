@@ -123,7 +123,7 @@ pub async fn serve_with<S: store::CidrStore>(
     );
     weft_common::metrics::spawn(config.metrics_listen, registry, shutdown.clone());
 
-    let channel = weft_common::client::lazy_channel(&config.watcher)
+    let channel = weft_common::client::lazy_channel_tls(&config.watcher, config.tls.as_ref())
         .with_context(|| format!("--watcher {:?}", config.watcher))?;
     let events = weft_common::watch::subscribe(
         channel,
@@ -175,6 +175,7 @@ pub async fn serve_with<S: store::CidrStore>(
     });
 
     let server = GrpcServer::new()
+        .tls(config.tls.clone())
         .add_service(grpc::IpamService::new(ipam, shutdown.clone()).server())
         .serve_tcp(listener, shutdown.clone());
     let served = tokio::select! {

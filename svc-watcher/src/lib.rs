@@ -87,6 +87,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     pub source: SourceConfig,
     pub history: usize,
+    /// Mutual TLS for the gRPC listener.
+    pub tls: Option<weft_common::tls::TlsConfig>,
 }
 
 impl Args {
@@ -132,6 +134,7 @@ impl Args {
             metrics_listen,
             source,
             history: self.history,
+            tls: self.common.tls()?,
         })
     }
 }
@@ -181,17 +184,18 @@ pub async fn serve(
         history = config.history,
         "state store ready"
     );
+    let tls = config.tls.clone();
     match &config.source {
         SourceConfig::Manifests { dir } => {
             let source = ManifestSource::new(dir.clone(), metrics.clone());
-            serve_source(source, store, listener, metrics, shutdown).await
+            serve_source_tls(source, store, listener, metrics, tls, shutdown).await
         }
         SourceConfig::Kubernetes { kubeconfig } => {
             let client = weft_k8s::client::connect(kubeconfig.as_deref())
                 .await
                 .context("connecting to the Kubernetes API")?;
             let source = KubeSource::new(client, metrics.clone());
-            serve_source(source, store, listener, metrics, shutdown).await
+            serve_source_tls(source, store, listener, metrics, tls, shutdown).await
         }
     }
 }
@@ -202,6 +206,18 @@ pub async fn serve_source<S: Source>(
     store: Arc<StateStore>,
     listener: tokio::net::TcpListener,
     metrics: Metrics,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    serve_source_tls(source, store, listener, metrics, None, shutdown).await
+}
+
+/// [`serve_source`], over mutual TLS when `tls` is given.
+pub async fn serve_source_tls<S: Source>(
+    source: S,
+    store: Arc<StateStore>,
+    listener: tokio::net::TcpListener,
+    metrics: Metrics,
+    tls: Option<weft_common::tls::TlsConfig>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let name = source.name();
@@ -232,6 +248,7 @@ pub async fn serve_source<S: Source>(
     let service = WatcherService::new(store, metrics, shutdown.clone());
     let mut grpc = tokio::spawn(
         GrpcServer::new()
+            .tls(tls)
             .add_service(service.into_server())
             .serve_tcp(listener, shutdown.clone()),
     );

@@ -4,6 +4,7 @@
 
 use std::{
     future::Future,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::Command,
     sync::Arc,
@@ -11,7 +12,10 @@ use std::{
 };
 
 use weft_lab::{Lab, LabConfig};
+use weft_proto::datapath::v1::{ListServicesRequest, datapath_client::DatapathClient};
 
+pub mod lbmaps;
+pub mod load;
 pub mod otlp;
 
 /// Where `cargo build` put the binaries: `WEFT_BIN_DIR`, or the directory
@@ -74,6 +78,57 @@ impl TestLab {
             eprintln!("lab {} teardown: {e:#}", self.name);
         }
     }
+
+    /// A client of `node`'s datapath-svc.
+    pub fn datapath(&self, node: &str) -> DatapathClient<tonic::transport::Channel> {
+        DatapathClient::new(
+            self.channel(&format!("datapath-svc/{node}"))
+                .expect("channel"),
+        )
+    }
+
+    /// The cluster IP the lab's allocator gave Service `name` (in the
+    /// default namespace's manifests), once it has one.
+    pub async fn cluster_ip(&self, name: &str) -> Ipv4Addr {
+        eventually(Duration::from_secs(10), "cluster IP allocated", || async {
+            self.manifests
+                .read()
+                .services
+                .iter()
+                .find(|(_, s)| s.metadata.name.as_deref() == Some(name))
+                .and_then(|(_, s)| s.spec.as_ref()?.cluster_ip.as_ref()?.parse().ok())
+                .ok_or_else(|| anyhow::anyhow!("no cluster IP yet"))
+        })
+        .await
+    }
+
+    /// Waits until `node`'s datapath programs `frontend` (as weftctl prints
+    /// it: `10.96.0.10:80/TCP`) with exactly `n` active backends.
+    pub async fn wait_frontend(&self, node: &str, frontend: &str, n: usize) {
+        let dp = self.datapath(node);
+        eventually(
+            Duration::from_secs(20),
+            &format!("{node}: {frontend} with {n} backends"),
+            || {
+                let mut dp = dp.clone();
+                async move {
+                    let services = dp
+                        .list_services(ListServicesRequest {})
+                        .await?
+                        .into_inner()
+                        .services;
+                    let got = services
+                        .iter()
+                        .find(|s| s.frontend == frontend)
+                        .map(|s| s.backends.iter().filter(|b| b.state == "active").count())
+                        .unwrap_or(0);
+                    anyhow::ensure!(got == n, "{got} active backends");
+                    Ok(())
+                }
+            },
+        )
+        .await;
+    }
 }
 
 impl Drop for TestLab {
@@ -96,6 +151,31 @@ fn short_hash(s: &str) -> String {
         h = h.wrapping_mul(0x0100_0193);
     }
     format!("{:06x}", h & 0xff_ffff)
+}
+
+/// A Pod manifest running the lab's pod server, which listens on 8080 (the
+/// container port named `http`); pinned to `node` and publishing a
+/// `hostPort` when given.
+pub fn pod_manifest(
+    namespace: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+    node: Option<&str>,
+    host_port: Option<u16>,
+) -> String {
+    let labels: String = labels
+        .iter()
+        .map(|(k, v)| format!("    {k}: {v}\n"))
+        .collect();
+    let node = node
+        .map(|n| format!("  nodeName: {n}\n"))
+        .unwrap_or_default();
+    let host_port = host_port
+        .map(|p| format!("          hostPort: {p}\n"))
+        .unwrap_or_default();
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  labels:\n{labels}spec:\n{node}  containers:\n    - name: server\n      image: weft-lab/pod-server\n      ports:\n        - name: http\n          containerPort: 8080\n{host_port}"
+    )
 }
 
 /// Polls `check` until it returns `Ok`, or fails with its last error after

@@ -47,10 +47,9 @@ impl Ca {
     /// A certificate good for serving `names` (DNS names or IP addresses)
     /// and for calling other services.
     pub fn leaf(&self, common_name: &str, names: &[&str]) -> Leaf {
-        let mut params = CertificateParams::new(
-            names.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
-        )
-        .expect("leaf params");
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .expect("leaf params");
         params
             .distinguished_name
             .push(DnType::CommonName, common_name);

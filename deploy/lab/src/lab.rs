@@ -156,6 +156,18 @@ impl Lab {
         self.node_dir(node).join("cni.sock")
     }
 
+    /// Where the CNI plugin queues DELs for a node while its datapath-svc
+    /// is down (the plugin's `delQueueDir`, datapath-svc's
+    /// `--cni-del-queue-dir`).
+    pub fn cni_del_queue_dir(&self, node: &str) -> PathBuf {
+        self.node_dir(node).join("cni-del-queue")
+    }
+
+    /// Where a node's datapath-svc pins its maps and links.
+    pub fn pin_dir(&self, node: &str) -> PathBuf {
+        PathBuf::from("/sys/fs/bpf/weft").join(node)
+    }
+
     pub fn bin(&self, name: &str) -> PathBuf {
         self.cfg.bin_dir.join(name)
     }
@@ -380,7 +392,7 @@ impl Lab {
                 format!("--cni-socket={}", self.cni_socket(node).display()),
                 format!(
                     "--cni-del-queue-dir={}",
-                    self.node_dir(node).join("cni-del-queue").display()
+                    self.cni_del_queue_dir(node).display()
                 ),
                 format!("--state-dir={}", state.display()),
                 format!("--watcher=http://{CP_ADDR}:{WATCHER_PORT}"),
@@ -500,6 +512,12 @@ impl Lab {
             .with_context(|| format!("unknown service {service}"))?;
         p.kill().await;
         Ok(())
+    }
+
+    /// The process id of a running service, to signal it directly (SIGSTOP
+    /// to make it hang, say).
+    pub async fn service_pid(&self, service: &str) -> Option<u32> {
+        self.services.lock().await.get(service).and_then(Proc::pid)
     }
 
     /// Starts a stopped service again with the same flags.
@@ -904,8 +922,26 @@ impl Lab {
             .collect()
     }
 
-    /// Runs the CNI plugin binary the way kubelet's runtime does.
+    /// Runs the CNI plugin binary the way kubelet's runtime does; a
+    /// failure is an error carrying the plugin's output.
     pub async fn cni(&self, call: &CniCall<'_>) -> anyhow::Result<String> {
+        let out = self.cni_output(call).await?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!(
+                "CNI {} for {}/{} failed: {stdout} {}",
+                call.command,
+                call.namespace,
+                call.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(stdout)
+    }
+
+    /// Runs the CNI plugin binary and returns what it printed and its exit
+    /// status, success or not (tests look at the CNI error object).
+    pub async fn cni_output(&self, call: &CniCall<'_>) -> anyhow::Result<std::process::Output> {
         let CniCall {
             node,
             command,
@@ -921,7 +957,7 @@ impl Lab {
             "name": "weft",
             "type": "weft-cni",
             "socketPath": self.cni_socket(node),
-            "delQueueDir": self.node_dir(node).join("cni-del-queue"),
+            "delQueueDir": self.cni_del_queue_dir(node),
             "otlpEndpoint": self.cfg.otlp_endpoint,
             "runtimeConfig": { "portMappings": port_mappings },
         });
@@ -945,17 +981,10 @@ impl Lab {
             use tokio::io::AsyncWriteExt as _;
             stdin.write_all(conf.to_string().as_bytes()).await?;
         }
-        let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
             .await
-            .context("CNI plugin timed out")??;
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        if !out.status.success() {
-            bail!(
-                "CNI {command} for {namespace}/{name} failed: {stdout} {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(stdout)
+            .context("CNI plugin timed out")?
+            .context("waiting for the CNI plugin")
     }
 
     fn endpoints_controller(&self, objs: &Objects) -> anyhow::Result<()> {

@@ -39,7 +39,7 @@ struct LabArgs {
     /// e.g. `http://127.0.0.1:4317`; it must answer at that address in the
     /// lab's namespaces as well as here.
     #[arg(long, env = "WEFT_LAB_OTLP_ENDPOINT")]
-        otlp_endpoint: Option<String>,
+    otlp_endpoint: Option<String>,
     /// How pods reach other nodes: `native` routes or a VXLAN `tunnel`.
     #[arg(long, default_value = "native", value_parser = ["native", "tunnel"])]
     routing_mode: String,
@@ -61,7 +61,7 @@ impl LabArgs {
         let mut cfg = LabConfig::new(&self.name, run_dir, bin_dir);
         cfg.nodes = usize::from(self.nodes);
         cfg.log_level = self.log_level.clone();
-                cfg.otlp_endpoint = self.otlp_endpoint.clone();
+        cfg.otlp_endpoint = self.otlp_endpoint.clone();
         cfg.routing_mode = self.routing_mode.clone();
         Ok(cfg)
     }

@@ -100,34 +100,43 @@ impl ManifestDir {
             path: self.root.clone(),
             source,
         })?;
+        // Entries move from the last read to this one: an unchanged file
+        // costs a read and a hash, never a copy of its objects (at 10,000
+        // Services copying them all was most of a re-read's time).
+        let mut last = std::mem::take(&mut self.files);
         let mut next = BTreeMap::new();
         let mut changed = false;
         for (path, format) in paths {
-            let previous = self.files.get(&path);
+            let previous = last.remove(&path);
             let bytes = match std::fs::read(&path) {
                 Ok(b) => b,
                 // Removed between listing and reading: it is gone.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    changed |= previous.is_some();
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(file = %path.display(), error = %e, "cannot read manifest file; keeping what it gave before");
                     if let Some(prev) = previous {
-                        next.insert(path, prev.clone());
+                        next.insert(path, prev);
                     }
                     continue;
                 }
             };
             let digest = digest(&bytes);
-            if let Some(prev) = previous.filter(|p| p.digest == digest) {
-                next.insert(path, prev.clone());
-                continue;
+            match previous {
+                Some(prev) if prev.digest == digest => {
+                    next.insert(path, prev);
+                }
+                previous => {
+                    changed = true;
+                    let objects = self.read_file(&path, &bytes, format, previous.as_ref());
+                    next.insert(path, FileEntry { digest, objects });
+                }
             }
-            changed = true;
-            let objects = self.read_file(&path, &bytes, format, previous);
-            next.insert(path, FileEntry { digest, objects });
         }
-        if self.files.keys().any(|p| !next.contains_key(p)) {
-            changed = true;
-        }
+        // Files that were there last time and are not now.
+        changed |= !last.is_empty();
         self.files = next;
         Ok(changed)
     }
