@@ -28,17 +28,7 @@ done
 
 # What weft itself needs (toolchain, protoc, iproute2), then what the
 # comparisons need: kube-proxy's two rule engines and Debian's CNI plugins.
-./scripts/setup.sh
-packages=(iptables nftables containernetworking-plugins conntrack)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  echo "installing: ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+./scripts/setup.sh iptables nftables containernetworking-plugins conntrack
 
 # Optimised builds: the numbers are meant to say what weft does in production.
 cargo build --release --bins -p svc-watcher -p ipam-svc -p identity-svc -p datapath-svc \

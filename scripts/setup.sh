@@ -2,7 +2,8 @@
 # Installs what weft needs to build, run the lab and run the tests on a
 # Debian machine: the eBPF toolchain and protoc from apt, and the test tools
 # into the repository's own .tools/ directory (nothing else outside the repo).
-# Safe to run again: it installs only what is missing.
+# Safe to run again: it installs only what is missing. Arguments name more
+# apt packages to install with the rest (bench/run.sh asks for its own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,7 +12,7 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
-packages=(clang llvm libbpf-dev protobuf-compiler iproute2 util-linux gcc)
+packages=(clang llvm libbpf-dev protobuf-compiler iproute2 util-linux gcc "$@")
 python3 -m pip --version >/dev/null 2>&1 || packages+=(python3-pip)
 missing=()
 for p in "${packages[@]}"; do

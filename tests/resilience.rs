@@ -223,83 +223,29 @@ async fn no_connection_notices_any_restart_under_load() {
 
     let client = lab.pod_netns_path("default", "client-1");
     let outside = netns_path(&lab.cp_netns());
+    // (from, to, what, kind): from the client pod or from outside the cluster.
+    use Kind::{TcpEstablished as Established, TcpNew as New, Udp};
     let flows: Vec<Flow> = [
-        (
-            "client-1",
-            &client,
-            SocketAddr::from((vip, 80)),
-            "ClusterIP",
-            Kind::TcpEstablished(4),
-        ),
-        (
-            "client-1",
-            &client,
-            (vip, 80).into(),
-            "ClusterIP",
-            Kind::TcpNew,
-        ),
-        (
-            "client-1",
-            &client,
-            (vip, 53).into(),
-            "ClusterIP",
-            Kind::Udp,
-        ),
-        (
-            "client-1",
-            &client,
-            (ip2, 30080).into(),
-            "NodePort",
-            Kind::TcpNew,
-        ),
-        (
-            "client-1",
-            &client,
-            (ip2, 30053).into(),
-            "NodePort",
-            Kind::Udp,
-        ),
-        (
-            "outside",
-            &outside,
-            (ip1, 30080).into(),
-            "NodePort",
-            Kind::TcpEstablished(4),
-        ),
-        (
-            "outside",
-            &outside,
-            (ip2, 30080).into(),
-            "NodePort",
-            Kind::TcpEstablished(2),
-        ),
-        (
-            "outside",
-            &outside,
-            (ip1, 30080).into(),
-            "NodePort",
-            Kind::TcpNew,
-        ),
-        (
-            "outside",
-            &outside,
-            (ip2, 30080).into(),
-            "NodePort",
-            Kind::TcpNew,
-        ),
-        (
-            "outside",
-            &outside,
-            (ip1, 30053).into(),
-            "NodePort",
-            Kind::Udp,
-        ),
+        ("client-1", (vip, 80), "ClusterIP", Established(4)),
+        ("client-1", (vip, 80), "ClusterIP", New),
+        ("client-1", (vip, 53), "ClusterIP", Udp),
+        ("client-1", (ip2, 30080), "NodePort", New),
+        ("client-1", (ip2, 30053), "NodePort", Udp),
+        ("outside", (ip1, 30080), "NodePort", Established(4)),
+        ("outside", (ip2, 30080), "NodePort", Established(2)),
+        ("outside", (ip1, 30080), "NodePort", New),
+        ("outside", (ip2, 30080), "NodePort", New),
+        ("outside", (ip1, 30053), "NodePort", Udp),
     ]
     .into_iter()
-    .map(|(from, netns, to, what, kind)| Flow {
+    .map(|(from, to, what, kind)| Flow {
         from: from.into(),
-        netns: netns.clone(),
-        to,
+        netns: if from == "outside" {
+            outside.clone()
+        } else {
+            client.clone()
+        },
+        to: to.into(),
         what: what.into(),
         kind,
     })
@@ -569,16 +515,7 @@ fn cni_error(out: &std::process::Output) -> serde_json::Value {
 }
 
 fn cni_call<'a>(node: &'a str, command: &'a str, id: &'a str, netns: &'a str) -> CniCall<'a> {
-    CniCall {
-        node,
-        command,
-        container_id: id,
-        netns,
-        namespace: "default",
-        name: id,
-        uid: "",
-        port_mappings: Vec::new(),
-    }
+    CniCall::new(node, command, id, netns, "default", id)
 }
 
 /// CNI DEL while datapath-svc is down is queued on disk and carried out

@@ -121,16 +121,9 @@ async fn weft_timings(opts: &Options) -> anyhow::Result<Timings> {
             let name = format!("cni-{i}");
             let t = Instant::now();
             lab.lab
-                .cni(&CniCall {
-                    node,
-                    command,
-                    container_id: &id,
-                    netns: &netns[i],
-                    namespace: NAMESPACE,
-                    name: &name,
-                    uid: "",
-                    port_mappings: Vec::new(),
-                })
+                .cni(&CniCall::new(
+                    node, command, &id, &netns[i], NAMESPACE, &name,
+                ))
                 .await
                 .with_context(|| format!("weft-cni {command} {name}"))?;
             anyhow::Ok(t.elapsed())

@@ -668,16 +668,7 @@ async fn create_pods(lab: &BenchLab, count: usize) -> anyhow::Result<Vec<(String
         let id = format!("{:032x}", 0xbe00_0000_u64 + i as u64);
         let name = format!("pod-{i}");
         lab.lab
-            .cni(&CniCall {
-                node: &node,
-                command: "ADD",
-                container_id: &id,
-                netns: &netns,
-                namespace: NAMESPACE,
-                name: &name,
-                uid: "",
-                port_mappings: Vec::new(),
-            })
+            .cni(&CniCall::new(&node, "ADD", &id, &netns, NAMESPACE, &name))
             .await
             .with_context(|| format!("CNI ADD of {name}"))?;
         made.push((netns, id));
@@ -690,16 +681,7 @@ async fn delete_pods(lab: &BenchLab, pods: Vec<(String, String)>) -> anyhow::Res
     for (i, (netns, id)) in pods.into_iter().enumerate() {
         let name = format!("pod-{i}");
         lab.lab
-            .cni(&CniCall {
-                node: &node,
-                command: "DEL",
-                container_id: &id,
-                netns: &netns,
-                namespace: NAMESPACE,
-                name: &name,
-                uid: "",
-                port_mappings: Vec::new(),
-            })
+            .cni(&CniCall::new(&node, "DEL", &id, &netns, NAMESPACE, &name))
             .await?;
         netns_del(&netns)?;
     }

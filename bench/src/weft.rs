@@ -11,14 +11,13 @@
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use datapath_svc::maps::{IPPROTO_TCP, Lb4Key, Lb4ReverseNat, Lb4Service, be_addr, be_port, names};
-use weft_lab::{Lab, LabConfig};
+use weft_lab::{LabConfig, OwnedLab};
 
 /// The capacity the benchmarks give the load-balancer maps: 50,000
 /// Services with 3 backends take 200,000 service entries, 10,000 with 10
@@ -26,7 +25,7 @@ use weft_lab::{Lab, LabConfig};
 pub const LB_MAP_MAX: u32 = 262_144;
 
 pub struct BenchLab {
-    pub lab: Arc<Lab>,
+    pub lab: OwnedLab,
     pub name: String,
 }
 
@@ -41,13 +40,7 @@ impl BenchLab {
         let mut cfg = LabConfig::new(name, run_dir, bin_dir);
         cfg.nodes = 1;
         configure(&mut cfg);
-        let lab = match Lab::up(cfg).await {
-            Ok(lab) => lab,
-            Err(e) => {
-                let _ = Lab::clean(name);
-                return Err(e.context(format!("bringing up lab {name}")));
-            }
-        };
+        let lab = OwnedLab::up(cfg).await?;
         std::fs::create_dir_all(lab.manifests.root().join("bench"))?;
         Ok(Self {
             lab,
@@ -83,15 +76,7 @@ impl BenchLab {
     }
 
     pub async fn down(self) {
-        if let Err(e) = self.lab.down().await {
-            eprintln!("lab {} teardown: {e:#}", self.name);
-        }
-    }
-}
-
-impl Drop for BenchLab {
-    fn drop(&mut self) {
-        let _ = Lab::clean(&self.name);
+        self.lab.down().await
     }
 }
 

@@ -7,11 +7,10 @@ use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
     process::Command,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
-use weft_lab::{Lab, LabConfig};
+use weft_lab::{Lab, LabConfig, OwnedLab};
 use weft_proto::datapath::v1::{ListServicesRequest, datapath_client::DatapathClient};
 
 pub mod lbmaps;
@@ -41,10 +40,7 @@ pub fn require_root() {
 }
 
 /// A lab for one test, torn down when dropped (also on panic).
-pub struct TestLab {
-    pub lab: Arc<Lab>,
-    name: String,
-}
+pub struct TestLab(OwnedLab);
 
 impl TestLab {
     /// Brings up a lab named after the test (kept short: it prefixes
@@ -63,20 +59,14 @@ impl TestLab {
         cfg.nodes = nodes;
         cfg.log_level = "info,weft=debug".into();
         configure(&mut cfg);
-        let lab = match Lab::up(cfg).await {
-            Ok(lab) => lab,
-            Err(e) => {
-                let _ = Lab::clean(&name);
-                panic!("lab {name} did not come up: {e:#}");
-            }
-        };
-        Self { lab, name }
+        match OwnedLab::up(cfg).await {
+            Ok(lab) => Self(lab),
+            Err(e) => panic!("{e:#}"),
+        }
     }
 
     pub async fn down(self) {
-        if let Err(e) = self.lab.down().await {
-            eprintln!("lab {} teardown: {e:#}", self.name);
-        }
+        self.0.down().await
     }
 
     /// A client of `node`'s datapath-svc.
@@ -131,16 +121,10 @@ impl TestLab {
     }
 }
 
-impl Drop for TestLab {
-    fn drop(&mut self) {
-        let _ = Lab::clean(&self.name);
-    }
-}
-
 impl std::ops::Deref for TestLab {
     type Target = Lab;
     fn deref(&self) -> &Lab {
-        &self.lab
+        &self.0
     }
 }
 

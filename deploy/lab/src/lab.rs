@@ -105,6 +105,29 @@ pub struct CniCall<'a> {
     pub port_mappings: Vec<serde_json::Value>,
 }
 
+impl<'a> CniCall<'a> {
+    /// A call for a pod without a UID or hostPorts.
+    pub fn new(
+        node: &'a str,
+        command: &'a str,
+        container_id: &'a str,
+        netns: &'a str,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> Self {
+        Self {
+            node,
+            command,
+            container_id,
+            netns,
+            namespace,
+            name,
+            uid: "",
+            port_mappings: Vec::new(),
+        }
+    }
+}
+
 /// A pod the lab runs.
 pub struct RunningPod {
     pub namespace: String,
@@ -887,16 +910,14 @@ impl Lab {
 
     async fn stop_pod(&self, mut pod: RunningPod) -> anyhow::Result<()> {
         pod.server.stop().await;
-        self.cni(&CniCall {
-            node: &pod.node,
-            command: "DEL",
-            container_id: &pod.container_id,
-            netns: &pod.netns,
-            namespace: &pod.namespace,
-            name: &pod.name,
-            uid: "",
-            port_mappings: Vec::new(),
-        })
+        self.cni(&CniCall::new(
+            &pod.node,
+            "DEL",
+            &pod.container_id,
+            &pod.netns,
+            &pod.namespace,
+            &pod.name,
+        ))
         .await?;
         net::netns_del(&pod.netns)?;
         tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), "pod removed");
@@ -1080,5 +1101,45 @@ fn kill_processes_in(ns: &str) {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+    }
+}
+
+/// A lab owned by its holder (a test, a benchmark): torn down by
+/// [`OwnedLab::down`], and cleaned up when dropped without it, also on a
+/// panic, so no namespaces, processes or pins outlive their owner.
+pub struct OwnedLab {
+    pub lab: Arc<Lab>,
+}
+
+impl OwnedLab {
+    /// Brings up a lab; one that fails half-way is cleaned up at once.
+    pub async fn up(cfg: LabConfig) -> anyhow::Result<Self> {
+        let name = cfg.name.clone();
+        match Lab::up(cfg).await {
+            Ok(lab) => Ok(Self { lab }),
+            Err(e) => {
+                let _ = Lab::clean(&name);
+                Err(e.context(format!("bringing up lab {name}")))
+            }
+        }
+    }
+
+    pub async fn down(self) {
+        if let Err(e) = self.lab.down().await {
+            eprintln!("lab {} teardown: {e:#}", self.lab.cfg.name);
+        }
+    }
+}
+
+impl Drop for OwnedLab {
+    fn drop(&mut self) {
+        let _ = Lab::clean(&self.lab.cfg.name);
+    }
+}
+
+impl std::ops::Deref for OwnedLab {
+    type Target = Lab;
+    fn deref(&self) -> &Lab {
+        &self.lab
     }
 }

@@ -10,4 +10,4 @@ pub mod net;
 pub mod podserver;
 pub mod procs;
 
-pub use lab::{Lab, LabConfig};
+pub use lab::{Lab, LabConfig, OwnedLab};
