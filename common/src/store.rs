@@ -23,11 +23,32 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// Waits until every write so far (to any tree of the database) is on disk.
+///
+/// Not sled's `flush_async`: that waits on a thread of sled's own I/O pool,
+/// the pool that must also write the very buffers it waits for, and under a
+/// burst of concurrent flushes (twenty CNI ADDs at once) every pool thread
+/// can end up waiting while none writes. A blocking flush on tokio's
+/// blocking pool waits outside it.
+pub async fn flush(tree: &sled::Tree) -> sled::Result<()> {
+    let tree = tree.clone();
+    tokio::task::spawn_blocking(move || tree.flush())
+        .await
+        .map_err(|e| sled::Error::Io(std::io::Error::other(format!("flush task: {e}"))))??;
+    Ok(())
+}
+
 /// A service's database.
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
 }
+
+/// sled's page cache. Its default (1 GiB) lets a service's memory grow
+/// with every write it ever made; what the services keep here (allocations,
+/// identities, the datapath's cache of cluster state) is read back whole
+/// only at start, so a small cache costs nothing on the hot paths.
+const CACHE_BYTES: u64 = 8 * 1024 * 1024;
 
 impl Store {
     /// Opens (or creates) the database in `dir`.
@@ -35,6 +56,7 @@ impl Store {
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
+            .cache_capacity(CACHE_BYTES)
             .open()
             .map_err(|source| StoreError::Open {
                 path: dir.display().to_string(),
@@ -67,8 +89,7 @@ impl Store {
     /// Waits until every write so far is durable on disk. Call before
     /// acknowledging anything that must survive a crash.
     pub async fn flush(&self) -> Result<()> {
-        self.db.flush_async().await?;
-        Ok(())
+        Ok(flush(&self.db).await?)
     }
 
     pub fn db(&self) -> &sled::Db {
@@ -133,8 +154,7 @@ impl<M: Message + Default> MsgTree<M> {
 
     /// Flushes this tree's writes to disk.
     pub async fn flush(&self) -> Result<()> {
-        self.tree.flush_async().await?;
-        Ok(())
+        Ok(flush(&self.tree).await?)
     }
 
     fn decode(&self, key: &[u8], value: &[u8]) -> Result<M> {

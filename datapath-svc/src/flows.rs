@@ -168,29 +168,42 @@ pub async fn follow(agent: Arc<Agent>, ring: RingBuf<MapData>, shutdown: Cancell
             return;
         }
     };
+    // The programs wake this reader only when the ring fills up (see
+    // flows.h); otherwise it drains on this tick.
+    let mut tick = tokio::time::interval(DRAIN_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut guard = tokio::select! {
+        tokio::select! {
             _ = shutdown.cancelled() => return,
+            _ = tick.tick() => drain(&agent, fd.get_mut()),
             g = fd.readable_mut() => match g {
-                Ok(g) => g,
+                Ok(mut guard) => {
+                    drain(&agent, guard.get_inner_mut());
+                    guard.clear_ready();
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "reading flow events");
                     return;
                 }
             },
-        };
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            if item.len() < std::mem::size_of::<FlowEvent>() {
-                continue;
-            }
-            // SAFETY: the ring holds `struct flow_event` records written by
-            // the programs; the layout test pins FlowEvent to that struct,
-            // and read_unaligned copes with any alignment.
-            let ev: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-            agent.flows.push(describe(&agent, &ev));
         }
-        guard.clear_ready();
+    }
+}
+
+/// How long a flow event may wait in the ring before datapath-svc reads it.
+const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Moves every event waiting in the ring into the agent's flow log.
+fn drain(agent: &Agent, ring: &mut RingBuf<MapData>) {
+    while let Some(item) = ring.next() {
+        if item.len() < std::mem::size_of::<FlowEvent>() {
+            continue;
+        }
+        // SAFETY: the ring holds `struct flow_event` records written by the
+        // programs; the layout test pins FlowEvent to that struct, and
+        // read_unaligned copes with any alignment.
+        let ev: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+        agent.flows.push(describe(agent, &ev));
     }
 }
 

@@ -74,7 +74,7 @@ impl PodIpam {
             return Ok(ip);
         }
         let ip = self.claim(owner)?;
-        self.tree.flush_async().await?;
+        weft_common::store::flush(&self.tree).await?;
         Ok(ip)
     }
 
@@ -127,7 +127,7 @@ impl PodIpam {
         self.tree
             .compare_and_swap(ip.octets(), Some(owner.as_bytes()), None as Option<&[u8]>)?
             .ok();
-        self.tree.flush_async().await?;
+        weft_common::store::flush(&self.tree).await?;
         Ok(Some(ip))
     }
 

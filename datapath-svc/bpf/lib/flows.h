@@ -37,10 +37,19 @@ struct {
 	__uint(max_entries, FLOWS_RING_SIZE);
 } weft_flows SEC(".maps");
 
+/* Waking the reader for every event would cost a context switch per new
+ * connection; datapath-svc drains the ring on a short timer instead and is
+ * woken early only once a quarter of the ring is waiting. */
+#define FLOWS_WAKEUP_BYTES (FLOWS_RING_SIZE / 4)
+
 static __always_inline void flow_emit(const struct flow_event *ev)
 {
+	__u64 flags = bpf_ringbuf_query(&weft_flows, BPF_RB_AVAIL_DATA) > FLOWS_WAKEUP_BYTES
+			      ? BPF_RB_FORCE_WAKEUP
+			      : BPF_RB_NO_WAKEUP;
+
 	/* A full ring drops the event, never the packet. */
-	bpf_ringbuf_output(&weft_flows, (void *)ev, sizeof(*ev), 0);
+	bpf_ringbuf_output(&weft_flows, (void *)ev, sizeof(*ev), flags);
 }
 
 static __always_inline void flow_fill(struct flow_event *ev, const struct tuple4 *t, __u8 verdict, __u8 reason)
