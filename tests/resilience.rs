@@ -570,13 +570,18 @@ async fn cni_del_is_queued_and_add_fails_fast_while_the_datapath_is_down() {
 
     // ADD while down (stopped, then killed with its socket file left
     // behind): code 11 within the bound.
+    // One ADD of extra-b: how long the plugin took, and what it printed.
+    let timed_add = async || {
+        let t = Instant::now();
+        let out = lab
+            .cni_output(&cni_call(&node, "ADD", "extra-b", &netns_b))
+            .await
+            .expect("run ADD");
+        (t.elapsed(), out)
+    };
     let mut add_failures = Vec::new();
-    let t = Instant::now();
-    let out = lab
-        .cni_output(&cni_call(&node, "ADD", "extra-b", &netns_b))
-        .await
-        .expect("run ADD");
-    add_failures.push(("stopped", t.elapsed(), out));
+    let (took, out) = timed_add().await;
+    add_failures.push(("stopped", took, out));
 
     lab.start_service(&service).await.expect("start");
     // The queued DEL was carried out before the datapath served.
@@ -599,12 +604,8 @@ async fn cni_del_is_queued_and_add_fails_fast_while_the_datapath_is_down() {
         lab.cni_socket(&node).exists(),
         "SIGKILL leaves the socket file behind"
     );
-    let t = Instant::now();
-    let out = lab
-        .cni_output(&cni_call(&node, "ADD", "extra-b", &netns_b))
-        .await
-        .expect("run ADD");
-    add_failures.push(("killed, stale socket", t.elapsed(), out));
+    let (took, out) = timed_add().await;
+    add_failures.push(("killed, stale socket", took, out));
     lab.start_service(&service).await.expect("start");
 
     for (how, took, out) in &add_failures {
@@ -632,12 +633,7 @@ async fn cni_del_is_queued_and_add_fails_fast_while_the_datapath_is_down() {
     let pid = lab.service_pid(&service).await.expect("pid");
     let pid = nix::unistd::Pid::from_raw(pid as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
-    let t = Instant::now();
-    let out = lab
-        .cni_output(&cni_call(&node, "ADD", "extra-b", &netns_b))
-        .await
-        .expect("run ADD");
-    let took = t.elapsed();
+    let (took, out) = timed_add().await;
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
     let err = cni_error(&out);
     println!(
