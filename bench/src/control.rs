@@ -47,7 +47,7 @@ use crate::{
     services::{self, BenchService, NAMESPACE, SERVICE_PORT},
     stats::{Summary, ms},
     topo::{self, CLUSTER_CIDR, NODE_IP},
-    weft::{self, BenchLab, PinnedLb},
+    weft::{self, BenchLab, frontend_count},
 };
 
 #[derive(Debug, Clone)]
@@ -263,7 +263,7 @@ fn churn(
 ) -> anyhow::Result<Churn> {
     let pending: Arc<Mutex<Vec<Pending>>> = Arc::new(Mutex::new(Vec::new()));
     let done = Arc::new(AtomicBool::new(false));
-    let maps = PinnedLb::open(&lab.pin_dir())?;
+    let maps = datapath_svc::bpf::KernelLbMaps::open_pinned(&lab.pin_dir())?;
     let visible = model.visible.clone();
     let poller = {
         let pending = pending.clone();
@@ -276,7 +276,7 @@ fn churn(
                 {
                     let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
                     p.retain(|c| {
-                        let seen = maps.frontend_count(c.expect.ip, SERVICE_PORT);
+                        let seen = frontend_count(&maps, c.expect.ip, SERVICE_PORT);
                         if seen == c.expect.count {
                             latencies.push(c.since.elapsed());
                             if let Some(i) = c.created {

@@ -15,8 +15,10 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use datapath_svc::maps::{IPPROTO_TCP, Lb4Key, Lb4ReverseNat, Lb4Service, be_addr, be_port, names};
+use datapath_svc::{
+    bpf::KernelLbMaps,
+    maps::{IPPROTO_TCP, Lb4Key, be_addr, be_port},
+};
 use weft_lab::{LabConfig, OwnedLab};
 
 /// The capacity the benchmarks give the load-balancer maps: 50,000
@@ -71,10 +73,6 @@ impl BenchLab {
         PathBuf::from("/sys/fs/bpf/weft").join(self.node())
     }
 
-    pub fn maps(&self) -> anyhow::Result<PinnedLb> {
-        PinnedLb::open(&self.pin_dir())
-    }
-
     pub async fn down(self) {
         self.lab.down().await
     }
@@ -93,49 +91,16 @@ pub fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The node's pinned service and reverse-NAT maps, opened for reading.
-pub struct PinnedLb {
-    services: BpfHashMap<MapData, Lb4Key, Lb4Service>,
-    rev_nat: BpfHashMap<MapData, u16, Lb4ReverseNat>,
-}
-
-impl PinnedLb {
-    pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
-        fn open<K: aya::Pod, V: aya::Pod>(
-            dir: &Path,
-            name: &str,
-        ) -> anyhow::Result<BpfHashMap<MapData, K, V>> {
-            let data = MapData::from_pin(dir.join(name))
-                .with_context(|| format!("opening pinned map {name} in {}", dir.display()))?;
-            BpfHashMap::try_from(Map::HashMap(data)).with_context(|| format!("map {name}"))
-        }
-        Ok(Self {
-            services: open(pin_dir, names::LB4_SERVICES)?,
-            rev_nat: open(pin_dir, names::LB4_REVERSE_NAT)?,
-        })
-    }
-
-    /// The master entry of a TCP frontend: its backend count, if programmed.
-    pub fn frontend_count(&self, ip: Ipv4Addr, port: u16) -> Option<u16> {
-        let key = Lb4Key {
-            address: be_addr(ip),
-            dport: be_port(port),
-            backend_slot: 0,
-            proto: IPPROTO_TCP,
-            ..Default::default()
-        };
-        self.services.get(&key, 0).ok().map(|s| s.count)
-    }
-
-    /// How many frontends are programmed (one reverse-NAT entry each).
-    pub fn frontends(&self) -> usize {
-        self.rev_nat.keys().filter(|k| k.is_ok()).count()
-    }
-
-    /// Entries in the service map (masters and slots).
-    pub fn service_entries(&self) -> usize {
-        self.services.keys().filter(|k| k.is_ok()).count()
-    }
+/// The backend count of a TCP frontend's master entry, if programmed.
+pub fn frontend_count(maps: &KernelLbMaps, ip: Ipv4Addr, port: u16) -> Option<u16> {
+    let key = Lb4Key {
+        address: be_addr(ip),
+        dport: be_port(port),
+        backend_slot: 0,
+        proto: IPPROTO_TCP,
+        ..Default::default()
+    };
+    maps.service(&key).map(|s| s.count)
 }
 
 /// Waits until at least `n` frontends are programmed and `target` has
@@ -151,10 +116,10 @@ pub fn wait_programmed(
     let mut maps = None;
     loop {
         if maps.is_none() {
-            maps = PinnedLb::open(pin_dir).ok();
+            maps = KernelLbMaps::open_pinned(pin_dir).ok();
         }
         if let Some(m) = &maps
-            && m.frontend_count(target.0, target.1) == Some(target.2)
+            && frontend_count(m, target.0, target.1) == Some(target.2)
             && m.frontends() >= n
         {
             return Ok(since.elapsed());

@@ -624,6 +624,17 @@ impl KernelLbMaps {
         })
     }
 
+    /// One service-map entry, if programmed.
+    pub fn service(&self, key: &Lb4Key) -> Option<Lb4Service> {
+        self.services.get(key, 0).ok()
+    }
+
+    /// How many frontends are programmed (one reverse-NAT entry each),
+    /// without walking the much larger service map.
+    pub fn frontends(&self) -> usize {
+        self.rev_nat.keys().filter(|k| k.is_ok()).count()
+    }
+
     /// (name, entries, max entries) of each map, for status pages.
     pub fn fill(&self) -> Vec<(&'static str, u64, u64)> {
         fn fill<K: aya::Pod, V: aya::Pod>(
