@@ -23,6 +23,7 @@ use crate::{
     flows::FlowLog,
     lb::NodeView,
     metrics::Metrics,
+    podattach::PodPrograms,
     podipam::{IpamError, PodIpam},
     podnet,
     policy_sync::{AddressBook, PolicySync},
@@ -122,6 +123,8 @@ pub struct Agent {
     pub ipam: PodIpam,
     pub endpoints: Endpoints,
     pub programs: Mutex<Programs>,
+    /// The programs every pod veth carries.
+    pub pod_programs: PodPrograms,
     pub lb: Mutex<LbSync<KernelLbMaps>>,
     pub counters: Arc<Counters>,
     pub netlink: rtnetlink::Handle,
@@ -156,6 +159,7 @@ pub struct AgentParts {
     pub ipam: PodIpam,
     pub endpoints: Endpoints,
     pub programs: Programs,
+    pub pod_programs: PodPrograms,
     pub lb: LbSync<KernelLbMaps>,
     pub counters: Arc<Counters>,
     pub netlink: rtnetlink::Handle,
@@ -177,6 +181,7 @@ impl Agent {
             store: p.store,
             ipam: p.ipam,
             endpoints: p.endpoints,
+            pod_programs: p.pod_programs,
             programs: Mutex::new(p.programs),
             lb: Mutex::new(p.lb),
             counters: p.counters,
@@ -253,11 +258,6 @@ impl Agent {
             }
             Err(e) => {
                 let host_ifname = podnet::host_ifname(&req.container_id, &req.ifname);
-                let _ = self
-                    .programs
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .detach(&host_ifname);
                 let _ = podnet::delete(&self.netlink, &host_ifname).await;
                 let _ = self.ipam.release(&key).await;
                 self.metrics
@@ -272,21 +272,22 @@ impl Agent {
     async fn plumb(&self, req: &CniRequest, ip: Ipv4Addr) -> Result<EndpointRecord, CniFailure> {
         let host_ifname = podnet::host_ifname(&req.container_id, &req.ifname);
         let mtu = if req.mtu > 0 { req.mtu } else { self.mtu };
-        let link = podnet::create(
-            &self.netlink,
-            &host_ifname,
-            Path::new(&req.netns),
-            &req.ifname,
-            ip,
-            mtu,
-        )
-        .await
-        .map_err(|e| CniFailure::internal(cni_code::NETWORK_SETUP, e.to_string()))?;
-        self.programs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .attach(&host_ifname)
-            .map_err(|e| CniFailure::internal(cni_code::NETWORK_SETUP, e.to_string()))?;
+        let setup = |e: &dyn std::fmt::Display| {
+            CniFailure::internal(cni_code::NETWORK_SETUP, e.to_string())
+        };
+        let netns = Path::new(&req.netns);
+        let mut link = podnet::create_pair(&self.netlink, &host_ifname, netns, &req.ifname, mtu)
+            .await
+            .map_err(|e| setup(&e))?;
+        // The programs go on before the pod has an address, so nothing it
+        // sends passes unprocessed.
+        self.pod_programs
+            .attach(&self.netlink, link.host_ifindex, &host_ifname)
+            .await
+            .map_err(|e| setup(&e))?;
+        podnet::address(&self.netlink, &mut link, netns, &req.ifname, ip)
+            .await
+            .map_err(|e| setup(&e))?;
         let record = EndpointRecord {
             container_id: req.container_id.clone(),
             ifname: req.ifname.clone(),
@@ -316,14 +317,10 @@ impl Agent {
             None => {
                 // An ADD that crashed half-way may have left an address or a veth.
                 let host_ifname = podnet::host_ifname(&req.container_id, &req.ifname);
-                let _ = self
-                    .programs
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .detach(&host_ifname);
                 podnet::delete(&self.netlink, &host_ifname)
                     .await
                     .map_err(|e| CniFailure::internal(cni_code::NETWORK_SETUP, e.to_string()))?;
+                self.pod_programs.forget_tcx_links(&host_ifname);
                 self.ipam
                     .release(&key)
                     .await
@@ -339,14 +336,11 @@ impl Agent {
 
     async fn teardown(&self, record: &EndpointRecord) -> Result<(), CniFailure> {
         let key = attachment_key(&record.container_id, &record.ifname);
-        self.programs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .detach(&record.host_ifname)
-            .map_err(|e| CniFailure::internal(cni_code::NETWORK_SETUP, e.to_string()))?;
+        // The programs' filters go with the veth.
         podnet::delete(&self.netlink, &record.host_ifname)
             .await
             .map_err(|e| CniFailure::internal(cni_code::NETWORK_SETUP, e.to_string()))?;
+        self.pod_programs.forget_tcx_links(&record.host_ifname);
         self.ipam
             .release(&key)
             .await
@@ -433,11 +427,15 @@ impl Agent {
     pub async fn restore_endpoints(&self) -> anyhow::Result<usize> {
         let mut restored = 0;
         for record in self.endpoints.all()? {
-            let attached = self
-                .programs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .attach(&record.host_ifname);
+            let attached = match podnet::link_index(&self.netlink, &record.host_ifname).await {
+                Ok(Some(index)) => self
+                    .pod_programs
+                    .attach(&self.netlink, index, &record.host_ifname)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Ok(None) => Err(format!("{} is gone", record.host_ifname)),
+                Err(e) => Err(e.to_string()),
+            };
             match attached {
                 Ok(()) => restored += 1,
                 Err(e) => {

@@ -3,11 +3,13 @@
 //!
 //! Maps are pinned by name under the node's directory
 //! (`/sys/fs/bpf/weft/<node>/`), so they outlive this process and a restart
-//! finds them full. Every attachment is a BPF link pinned under `links/`; it
-//! keeps forwarding while no datapath-svc runs, and a new datapath-svc swaps
-//! its freshly loaded program into it atomically (tc) or attaches beside it
-//! and then drops the old one (cgroup socket hooks, whose programs are
-//! idempotent, so running both for a moment is harmless).
+//! finds them full. The node's devices and the cgroup carry the programs
+//! through BPF links pinned under `links/`; pod veths through tc filters
+//! (see [`crate::podattach`]). Either way they keep forwarding while no
+//! datapath-svc runs, and a new datapath-svc swaps its freshly loaded
+//! program in atomically (tc, TCX) or attaches beside the old one and then
+//! drops it (cgroup socket hooks, whose programs are idempotent, so running
+//! both for a moment is harmless).
 
 use std::{
     fs, io,
@@ -27,6 +29,7 @@ use aya::{
 use ipnet::Ipv4Net;
 
 use crate::{
+    podattach::PodPrograms,
     maps::{
         EndpointPolicy, IpcacheEntry, IpcacheKey, Lb4Backend, Lb4Key, Lb4MaglevBlock, Lb4MaglevKey,
         Lb4ReverseNat, Lb4Service, MetricsValue, PolicyEntry, PolicyKey, Reason, be_addr, globals,
@@ -83,6 +86,7 @@ pub struct Programs {
     ebpf: Ebpf,
     links_dir: PathBuf,
     node_addrs: BpfHashMap<MapData, u32, u32>,
+    pods: Option<PodPrograms>,
 }
 
 /// The maps network policy is programmed into.
@@ -91,12 +95,6 @@ pub struct PolicyMaps {
     pub ipcache: LpmTrie<MapData, IpcacheKey, IpcacheEntry>,
     pub endpoints: BpfHashMap<MapData, u32, EndpointPolicy>,
 }
-
-/// A pod veth's attachments, host side.
-const POD_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
-    ("from_container", TcAttachType::Ingress, "ingress"),
-    ("to_container", TcAttachType::Egress, "egress"),
-];
 
 /// An external device's attachments.
 const DEVICE_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
@@ -230,7 +228,10 @@ impl Programs {
             .override_global(globals::HASH_SEED, &cfg.maglev.seed, true)
             .load(PROGRAMS)
             .map_err(|e| BpfError::Load(describe(&e)))?;
-        for (name, _, _) in POD_PROGRAMS.iter().chain(DEVICE_PROGRAMS.iter()) {
+        for name in ["from_container", "to_container"]
+            .into_iter()
+            .chain(DEVICE_PROGRAMS.map(|(name, _, _)| name))
+        {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load().map_err(|e| BpfError::Program {
                 name,
@@ -244,6 +245,20 @@ impl Programs {
                 message: describe(&e),
             })?;
         }
+        let pods = {
+            let mut fd = |name: &'static str| -> Result<aya::programs::ProgramFd> {
+                let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
+                let fd = prog.fd().map_err(|e| BpfError::Program {
+                    name,
+                    message: describe(&e),
+                })?;
+                fd.try_clone().map_err(|e| BpfError::Program {
+                    name,
+                    message: e.to_string(),
+                })
+            };
+            PodPrograms::new(fd("from_container")?, fd("to_container")?, &links_dir)
+        };
         let maps = KernelLbMaps {
             services: take_hash(&mut ebpf, names::LB4_SERVICES)?,
             backends: take_hash(&mut ebpf, names::LB4_BACKENDS)?,
@@ -266,6 +281,7 @@ impl Programs {
         Ok((
             Self {
                 ebpf,
+                pods: Some(pods),
                 links_dir,
                 node_addrs,
             },
@@ -309,84 +325,10 @@ impl Programs {
         })
     }
 
-    /// bpffs refuses names with a dot, hence `<ifname>@<direction>`.
-    fn link_path(&self, pin: &str, direction: &str) -> PathBuf {
-        self.links_dir.join(format!("{pin}@{direction}"))
-    }
-
-    /// Attaches two tc programs to an interface through pinned TCX links.
-    /// Where a pinned link exists already (a restart), the program inside it
-    /// is replaced atomically instead, so no packet passes unprocessed.
-    fn attach_tc(
-        &mut self,
-        ifname: &str,
-        pin: &str,
-        programs: &[(&'static str, TcAttachType, &'static str)],
-    ) -> Result<()> {
-        for (name, attach_type, direction) in programs {
-            let path = self.link_path(pin, direction);
-            let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
-            let err = |message: String| BpfError::Attach {
-                target: ifname.to_string(),
-                direction,
-                message,
-            };
-            if let Ok(pinned) = PinnedLink::from_pin(&path) {
-                let replaced = SchedClassifierLink::try_from(FdLink::from(pinned))
-                    .map_err(|e| describe(&e))
-                    .and_then(|link| prog.attach_to_link(link).map_err(|e| describe(&e)))
-                    // The pin keeps the link; holding another descriptor here
-                    // would keep it alive past a detach.
-                    .and_then(|id| prog.take_link(id).map(drop).map_err(|e| describe(&e)));
-                match replaced {
-                    Ok(()) => continue,
-                    // The interface behind the link is gone (an interface of
-                    // the same name is new): start over with a fresh link.
-                    Err(e) => {
-                        tracing::debug!(ifname, direction, error = %e, "stale pinned link replaced");
-                        let _ = fs::remove_file(&path);
-                    }
-                }
-            }
-            let id = prog
-                .attach_with_options(
-                    ifname,
-                    *attach_type,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
-                .map_err(|e| err(describe(&e)))?;
-            let link = prog.take_link(id).map_err(|e| err(describe(&e)))?;
-            let fd_link = FdLink::try_from(link).map_err(|e| err(describe(&e)))?;
-            fd_link
-                .pin(&path)
-                .map_err(|e| err(format!("pinning {}: {}", path.display(), describe(&e))))?;
-        }
-        Ok(())
-    }
-
-    fn detach_pins(&mut self, pin: &str, directions: &[&str]) {
-        for direction in directions {
-            let path = self.link_path(pin, direction);
-            match PinnedLink::from_pin(&path) {
-                // Unpinning and dropping the last reference detaches it.
-                Ok(pinned) => drop(pinned.unpin()),
-                Err(_) => {
-                    let _ = fs::remove_file(&path);
-                }
-            }
-        }
-    }
-
-    /// Attaches both pod programs to a pod's host-side veth.
-    pub fn attach(&mut self, ifname: &str) -> Result<()> {
-        self.attach_tc(ifname, ifname, &POD_PROGRAMS)
-    }
-
-    /// Detaches both programs from a pod's veth (if still there) and removes
-    /// the pins.
-    pub fn detach(&mut self, ifname: &str) -> Result<()> {
-        self.detach_pins(ifname, &["ingress", "egress"]);
-        Ok(())
+    /// The pod programs, to attach to pod veths without this object's
+    /// lock; `None` once taken.
+    pub fn take_pod_programs(&mut self) -> Option<PodPrograms> {
+        self.pods.take()
     }
 
     /// Attaches the device programs to one of the node's external devices,
@@ -398,11 +340,18 @@ impl Programs {
                 name: names::NODE_ADDRS,
                 message: e.to_string(),
             })?;
-        self.attach_tc(
-            ifname,
-            &format!("{DEVICE_PIN_PREFIX}{ifname}"),
-            &DEVICE_PROGRAMS,
-        )
+        let pin = format!("{DEVICE_PIN_PREFIX}{ifname}");
+        for (name, attach_type, direction) in DEVICE_PROGRAMS {
+            let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+            attach_tc(
+                prog,
+                ifname,
+                attach_type,
+                direction,
+                &link_path(&self.links_dir, &pin, direction),
+            )?;
+        }
+        Ok(())
     }
 
     /// Attaches the socket programs to the cgroup v2 hierarchy at `root`:
@@ -455,25 +404,6 @@ impl Programs {
         }
         Ok(())
     }
-
-    /// Host interface names of pods that have pinned links.
-    pub fn attached_interfaces(&self) -> Vec<String> {
-        let mut names: Vec<String> = fs::read_dir(&self.links_dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with(DEVICE_PIN_PREFIX) || name.starts_with(CGROUP_PIN_PREFIX) {
-                    return None;
-                }
-                name.rsplit_once('@').map(|(ifname, _)| ifname.to_string())
-            })
-            .collect();
-        names.sort();
-        names.dedup();
-        names
-    }
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
@@ -490,6 +420,58 @@ where
             name,
             message: describe(&e),
         })
+}
+
+/// bpffs refuses names with a dot, hence `<ifname>@<direction>`.
+fn link_path(links_dir: &Path, pin: &str, direction: &str) -> PathBuf {
+    links_dir.join(format!("{pin}@{direction}"))
+}
+
+/// Attaches a tc program to an interface through a TCX link pinned at
+/// `path`. Where that pin exists already (a restart), the program inside
+/// it is replaced atomically instead, so no packet passes unprocessed.
+fn attach_tc(
+    prog: &mut SchedClassifier,
+    ifname: &str,
+    attach_type: TcAttachType,
+    direction: &'static str,
+    path: &Path,
+) -> Result<()> {
+    let err = |message: String| BpfError::Attach {
+        target: ifname.to_string(),
+        direction,
+        message,
+    };
+    if let Ok(pinned) = PinnedLink::from_pin(path) {
+        let replaced = SchedClassifierLink::try_from(FdLink::from(pinned))
+            .map_err(|e| describe(&e))
+            .and_then(|link| prog.attach_to_link(link).map_err(|e| describe(&e)))
+            // The pin keeps the link; holding another descriptor here
+            // would keep it alive past a detach.
+            .and_then(|id| prog.take_link(id).map(drop).map_err(|e| describe(&e)));
+        match replaced {
+            Ok(()) => return Ok(()),
+            // The interface behind the link is gone (an interface of the
+            // same name is new): start over with a fresh link.
+            Err(e) => {
+                tracing::debug!(ifname, direction, error = %e, "stale pinned link replaced");
+                let _ = fs::remove_file(path);
+            }
+        }
+    }
+    let id = prog
+        .attach_with_options(
+            ifname,
+            attach_type,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map_err(|e| err(describe(&e)))?;
+    let link = prog.take_link(id).map_err(|e| err(describe(&e)))?;
+    let fd_link = FdLink::try_from(link).map_err(|e| err(describe(&e)))?;
+    fd_link
+        .pin(path)
+        .map_err(|e| err(format!("pinning {}: {}", path.display(), describe(&e))))?;
+    Ok(())
 }
 
 fn take_hash<K: aya::Pod, V: aya::Pod>(

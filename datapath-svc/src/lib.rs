@@ -19,6 +19,7 @@ pub mod lb;
 pub mod maglev;
 pub mod maps;
 pub mod metrics;
+pub mod podattach;
 pub mod podipam;
 pub mod podnet;
 pub mod policy;
@@ -266,6 +267,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let counters = Arc::new(counters);
     let policy = policy_sync::PolicySync::restore(programs.take_policy_maps()?)?;
     let flow_ring = programs.take_flows()?;
+    let pod_programs = programs
+        .take_pod_programs()
+        .ok_or_else(|| anyhow::anyhow!("the pod programs were taken twice"))?;
 
     let store = Store::open(&args.state_dir)?;
     let ipam = PodIpam::new(store.raw_tree("pod_ips")?, control::cached_cidr(&store)?);
@@ -306,6 +310,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ipam,
         endpoints,
         programs,
+        pod_programs,
         lb,
         counters,
         netlink,

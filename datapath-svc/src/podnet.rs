@@ -95,6 +95,11 @@ pub(crate) async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<L
     }
 }
 
+/// The index of the interface `name`, if it exists.
+pub async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>> {
+    Ok(link_by_name(handle, name).await?.map(|l| l.header.index))
+}
+
 fn mac_of(link: &LinkMessage) -> [u8; 6] {
     link.attributes
         .iter()
@@ -110,13 +115,14 @@ fn mac_of(link: &LinkMessage) -> [u8; 6] {
 }
 
 /// Creates the veth pair with its peer directly inside the pod's namespace
-/// (named `pod_ifname` there), addresses and routes both sides.
-pub async fn create(
+/// (named `pod_ifname` there) and brings the host side up. The pod side is
+/// configured by [`address`], which can run while the programs are being
+/// attached to the host side.
+pub async fn create_pair(
     handle: &Handle,
     host_ifname: &str,
     netns: &Path,
     pod_ifname: &str,
-    pod_ip: Ipv4Addr,
     mtu: u32,
 ) -> Result<PodLink> {
     let ns_file = std::fs::File::open(netns).map_err(|e| NetError::Netns {
@@ -160,11 +166,28 @@ pub async fn create(
         .await
         .map_err(nl(format!("bringing {host_ifname} up")))?;
     disable_ipv6(host_ifname);
+    Ok(PodLink {
+        host_ifname: host_ifname.to_string(),
+        host_ifindex,
+        host_mac,
+        pod_mac: [0; 6],
+    })
+}
 
+/// Addresses the pod side of a pair made by [`create_pair`] and routes the
+/// node to the pod; fills in the pod side's MAC.
+pub async fn address(
+    handle: &Handle,
+    link: &mut PodLink,
+    netns: &Path,
+    pod_ifname: &str,
+    pod_ip: Ipv4Addr,
+) -> Result<()> {
     // Inside the pod.
-    let pod_mac = {
+    link.pod_mac = {
         let netns = netns.to_path_buf();
         let pod_ifname = pod_ifname.to_string();
+        let host_mac = link.host_mac;
         weft_common::netns::spawn_in(&netns, move || async move {
             configure_pod_side(&pod_ifname, pod_ip, host_mac)
                 .await
@@ -180,7 +203,7 @@ pub async fn create(
     // The node's route to the pod.
     let route = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(pod_ip, 32)
-        .output_interface(host_ifindex)
+        .output_interface(link.host_ifindex)
         .scope(RouteScope::Link)
         .build();
     handle
@@ -190,13 +213,7 @@ pub async fn create(
         .execute()
         .await
         .map_err(nl(format!("route to {pod_ip}")))?;
-
-    Ok(PodLink {
-        host_ifname: host_ifname.to_string(),
-        host_ifindex,
-        host_mac,
-        pod_mac,
-    })
+    Ok(())
 }
 
 fn netns_display(p: &Path) -> String {
