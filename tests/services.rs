@@ -103,10 +103,16 @@ status:
 "#;
 
 /// Every frontend of every type answers from a pod on each node, from each
-/// node itself and from outside, and reaches backends on both nodes.
-async fn every_service_type_answers_everywhere(routing_mode: &str) {
+/// node itself and from outside, and reaches backends on both nodes. Pods'
+/// connections are translated at the socket layer unless `per_packet`, when
+/// the programs on their veths translate every packet instead.
+async fn every_service_type_answers_everywhere(routing_mode: &str, per_packet: bool) {
     let lab = TestLab::up_with(&format!("service_types_{routing_mode}"), 2, |cfg| {
         cfg.routing_mode = routing_mode.into();
+        if per_packet {
+            cfg.datapath_args
+                .push("--socket-lb-host-namespace-only=true".into());
+        }
     })
     .await;
     let nodes = lab.node_names();
@@ -240,12 +246,13 @@ async fn every_service_type_answers_everywhere(routing_mode: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_service_type_answers_everywhere_with_native_routing() {
-    every_service_type_answers_everywhere("native").await;
+    every_service_type_answers_everywhere("native", false).await;
 }
 
+/// With VXLAN, and pods' Services translated per packet on their veths.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_service_type_answers_everywhere_with_vxlan() {
-    every_service_type_answers_everywhere("tunnel").await;
+async fn every_service_type_answers_everywhere_with_vxlan_per_packet() {
+    every_service_type_answers_everywhere("tunnel", true).await;
 }
 
 /// externalTrafficPolicy: Local keeps NodePort traffic on the node it
@@ -571,5 +578,247 @@ spec:
     let (who, got) = transfer.join().expect("transfer thread").expect("transfer");
     println!("{who} delivered {got} of {SIZE} bytes after it began terminating");
     assert_eq!(got, SIZE, "the transfer completed");
+    lab.down().await;
+}
+
+/// Packets the node's programs counted for `reason` (a `Reason` label).
+async fn packets(lab: &TestLab, node: &str, reason: &str) -> u64 {
+    let status = lab
+        .datapath(node)
+        .status(weft_proto::datapath::v1::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    status.packets.get(reason).copied().unwrap_or(0)
+}
+
+const SOCK: &str = r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: sock
+  namespace: default
+spec:
+  selector:
+    app: sock
+  ports:
+    - name: tcp
+      protocol: TCP
+      port: 80
+      targetPort: 8080
+    - name: udp
+      protocol: UDP
+      port: 53
+      targetPort: 8080
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: empty
+  namespace: default
+spec:
+  selector:
+    app: nobody
+  ports:
+    - name: tcp
+      protocol: TCP
+      port: 80
+      targetPort: 8080
+"#;
+
+/// What a pod's sockets saw of a Service: TCP answers by backend with the
+/// peer address each connection reported, a connected UDP socket's view,
+/// one unconnected UDP socket's answers, and how a Service without
+/// endpoints answered.
+#[derive(Debug)]
+struct SocketView {
+    tcp: BTreeMap<String, usize>,
+    tcp_peers: Vec<SocketAddr>,
+    backend_saw: Vec<String>,
+    connected_udp: (SocketAddr, SocketAddr),
+    unconnected_udp: BTreeMap<String, usize>,
+    unconnected_from: Vec<SocketAddr>,
+    empty: (std::io::ErrorKind, Duration),
+}
+
+fn socket_view(tcp: SocketAddr, udp: SocketAddr, empty: SocketAddr) -> anyhow::Result<SocketView> {
+    use std::io::{Read as _, Write as _};
+    let mut view = SocketView {
+        tcp: BTreeMap::new(),
+        tcp_peers: Vec::new(),
+        backend_saw: Vec::new(),
+        connected_udp: (tcp, tcp),
+        unconnected_udp: BTreeMap::new(),
+        unconnected_from: Vec::new(),
+        empty: (std::io::ErrorKind::Other, Duration::ZERO),
+    };
+    for _ in 0..30 {
+        let mut s = std::net::TcpStream::connect_timeout(&tcp, TIMEOUT)?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        view.tcp_peers.push(s.peer_addr()?);
+        s.write_all(b"who\n")?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply)?;
+        let mut parts = reply.split_whitespace();
+        *view
+            .tcp
+            .entry(parts.next().unwrap_or_default().to_string())
+            .or_default() += 1;
+        view.backend_saw
+            .push(parts.next().unwrap_or_default().to_string());
+    }
+    let c = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    c.set_read_timeout(Some(TIMEOUT))?;
+    c.connect(udp)?;
+    c.send(b"who\n")?;
+    let mut buf = [0u8; 512];
+    let (_, from) = c.recv_from(&mut buf)?;
+    view.connected_udp = (c.peer_addr()?, from);
+    let u = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    u.set_read_timeout(Some(TIMEOUT))?;
+    for _ in 0..20 {
+        u.send_to(b"who\n", udp)?;
+        let (n, from) = u.recv_from(&mut buf)?;
+        let reply = String::from_utf8_lossy(&buf[..n]).to_string();
+        *view
+            .unconnected_udp
+            .entry(
+                reply
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+            .or_default() += 1;
+        view.unconnected_from.push(from);
+    }
+    let started = std::time::Instant::now();
+    let err = std::net::TcpStream::connect_timeout(&empty, TIMEOUT)
+        .err()
+        .map(|e| e.kind())
+        .unwrap_or(std::io::ErrorKind::Other);
+    view.empty = (err, started.elapsed());
+    Ok(view)
+}
+
+/// A pod's connections to a Service are translated once, at connect() or
+/// sendmsg(), by the socket hooks, not packet by packet on its veth: the
+/// backend sees the pod's own address, the pod's sockets see the frontend
+/// (getpeername, recvfrom), an unconnected UDP socket keeps to one backend,
+/// and a Service without endpoints refuses at once, as kube-proxy's REJECT
+/// rule does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_reach_services_at_connect_time() {
+    let lab = TestLab::up("sock_lb_pods", 1).await;
+    let node = lab.node_names()[0].clone();
+    lab.manifests
+        .apply_yaml("service-sock.yaml", SOCK)
+        .expect("apply");
+    for (name, app) in [
+        ("sock-1", "sock"),
+        ("sock-2", "sock"),
+        ("sock-3", "sock"),
+        ("client", "client"),
+    ] {
+        lab.manifests
+            .apply_yaml(
+                &format!("pod-{name}.yaml"),
+                &pod(name, &[("app", app)], None, None),
+            )
+            .expect("apply");
+    }
+    wait_pods(&lab, &["sock-1", "sock-2", "sock-3", "client"]).await;
+    let client_ip = lab
+        .wait_pod_ready("default", "client", TIMEOUT)
+        .await
+        .expect("client");
+    let vip = lab.cluster_ip("sock").await;
+    let empty_vip = lab.cluster_ip("empty").await;
+    lab.wait_frontend(&node, &format!("{vip}:80/TCP"), 3).await;
+    lab.wait_frontend(&node, &format!("{vip}:53/UDP"), 3).await;
+    let dp = lab.datapath(&node);
+    let empty_frontend = format!("{empty_vip}:80/TCP");
+    weft_e2e::eventually(
+        Duration::from_secs(20),
+        "the empty Service's frontend",
+        || {
+            let mut dp = dp.clone();
+            let frontend = empty_frontend.clone();
+            async move {
+                let services = dp
+                    .list_services(weft_proto::datapath::v1::ListServicesRequest {})
+                    .await?
+                    .into_inner()
+                    .services;
+                anyhow::ensure!(services.iter().any(|s| s.frontend == frontend));
+                Ok(())
+            }
+        },
+    )
+    .await;
+
+    let per_packet_before = packets(&lab, &node, "lb_translated").await;
+    let sock_before = packets(&lab, &node, "sock_translated").await;
+    let (tcp, udp, empty) = (
+        SocketAddr::from((vip, 80)),
+        SocketAddr::from((vip, 53)),
+        SocketAddr::from((empty_vip, 80)),
+    );
+    let view = in_pod(&lab.pod_netns_path("default", "client"), move || {
+        socket_view(tcp, udp, empty)
+    })
+    .expect("the client's view");
+    println!("{view:#?}");
+    let per_packet_after = packets(&lab, &node, "lb_translated").await;
+    let sock_after = packets(&lab, &node, "sock_translated").await;
+
+    assert!(view.tcp.len() >= 2, "connections spread: {:?}", view.tcp);
+    assert!(
+        view.tcp_peers.iter().all(|p| *p == tcp),
+        "getpeername shows the frontend: {:?}",
+        view.tcp_peers
+    );
+    assert!(
+        view.backend_saw
+            .iter()
+            .all(|a| a.starts_with(&format!("{client_ip}:"))),
+        "backends see the pod's own address: {:?}",
+        view.backend_saw
+    );
+    assert_eq!(
+        view.connected_udp,
+        (udp, udp),
+        "a connected UDP socket sees the frontend"
+    );
+    assert_eq!(
+        view.unconnected_udp.len(),
+        1,
+        "one UDP flow, one backend: {:?}",
+        view.unconnected_udp
+    );
+    assert!(
+        view.unconnected_from.iter().all(|f| *f == udp),
+        "UDP replies come from the frontend: {:?}",
+        view.unconnected_from
+    );
+    assert_eq!(
+        view.empty.0,
+        std::io::ErrorKind::ConnectionRefused,
+        "no endpoints: refused"
+    );
+    assert!(
+        view.empty.1 < Duration::from_secs(1),
+        "at once: {:?}",
+        view.empty.1
+    );
+    assert_eq!(
+        per_packet_after, per_packet_before,
+        "no packet of these was translated on the veth"
+    );
+    assert!(
+        sock_after - sock_before >= 30 + 1 + 1,
+        "translated at the socket: {} -> {sock_after}",
+        sock_before
+    );
     lab.down().await;
 }

@@ -22,7 +22,7 @@ use crate::{
     report::Table,
     rules,
     services::{self, BenchService, SERVICE_PORT, TARGET_PORT},
-    stats::{ms, ratio},
+    stats::{median_ratio, ms},
     topo::{self, CLUSTER_CIDR, NODE_IP, Plain},
     weft::{self, BenchLab},
 };
@@ -74,7 +74,8 @@ struct Row {
     services: usize,
     install: Option<Duration>,
     result: LoadResult,
-    floor: f64,
+    /// The median of the per-round ratios to the floor.
+    vs_floor: Option<f64>,
     load: String,
 }
 
@@ -303,9 +304,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             configs.retain(|c| c.mode != "floor");
         }
 
+        // Each round measures every configuration once, starting one
+        // further along each time, so none always goes first (or right
+        // after the heaviest).
         for round in 0..opts.runs.max(1) {
             println!("   round {}", round + 1);
-            for c in configs.iter_mut() {
+            let n_configs = configs.len();
+            for k in 0..n_configs {
+                let c = &mut configs[(round + k) % n_configs];
                 let netns = netns_path(&c.client_netns);
                 let s = spec(&c.targets);
                 let r = tokio::task::spawn_blocking(move || load::run(&netns, &s)).await??;
@@ -314,26 +320,25 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             }
         }
         let load = loadavg();
-        let mut medians: Vec<(&'static str, Option<Duration>, LoadResult)> = configs
-            .into_iter()
-            .map(|mut c| {
-                c.results.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
-                let mid = c.results.len() / 2;
-                (c.mode, c.install, c.results.swap_remove(mid))
-            })
-            .collect();
-        let floor_rate = medians
+        // vs floor: the median over rounds of the rate divided by the
+        // floor's in the same round, which cancels what drifts between
+        // rounds.
+        let floor_rates: Vec<f64> = configs
             .iter()
-            .find(|(m, _, _)| *m == "floor")
-            .map(|(_, _, r)| r.rate())
-            .unwrap_or(0.0);
-        for (mode, install, result) in medians.drain(..) {
+            .find(|c| c.mode == "floor")
+            .map(|c| c.results.iter().map(LoadResult::rate).collect())
+            .unwrap_or_default();
+        for mut c in configs {
+            let rates: Vec<f64> = c.results.iter().map(LoadResult::rate).collect();
+            let vs_floor = median_ratio(&rates, &floor_rates);
+            c.results.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
+            let mid = c.results.len() / 2;
             rows.push(Row {
-                mode,
+                mode: c.mode,
                 services: n,
-                install,
-                result,
-                floor: floor_rate,
+                install: c.install,
+                vs_floor,
+                result: c.results.swap_remove(mid),
                 load: load.clone(),
             });
         }
@@ -348,7 +353,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 
     let mut table = Table::new(
         &format!(
-            "Datapath: new TCP connections/s, one request and reply each, client pod -> ClusterIP ({} backends, {} connections in flight, {:?} per measurement, median of {} interleaved rounds; vs floor: against the floor measured in the same rounds)",
+            "Datapath: new TCP connections/s, one request and reply each, client pod -> ClusterIP ({} backends, {} connections in flight, {:?} per measurement, median of {} interleaved rounds, each in a rotated order; vs floor: the median of each round's rate over the floor's in that round)",
             opts.backends, opts.concurrency, opts.duration, opts.runs
         ),
         &[
@@ -370,7 +375,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             r.mode.to_string(),
             r.services.to_string(),
             format!("{:.0}", r.result.rate()),
-            ratio(r.result.rate(), r.floor),
+            r.vs_floor
+                .map(|v| format!("{v:.2}"))
+                .unwrap_or_else(|| "-".into()),
             ms(r.result.latency.p50),
             ms(r.result.latency.p90),
             ms(r.result.latency.p99),

@@ -61,13 +61,17 @@ pub fn us(d: Duration) -> String {
     format!("{}", d.as_micros())
 }
 
-/// `value / floor` with two decimals; "-" when there is no floor.
-pub fn ratio(value: f64, floor: f64) -> String {
-    if floor > 0.0 {
-        format!("{:.2}", value / floor)
-    } else {
-        "-".into()
-    }
+/// The median of `values[i] / floors[i]`, pairing each measurement with
+/// the floor measured in the same round; `None` without a floor.
+pub fn median_ratio(values: &[f64], floors: &[f64]) -> Option<f64> {
+    let mut ratios: Vec<f64> = values
+        .iter()
+        .zip(floors)
+        .filter(|(_, f)| **f > 0.0)
+        .map(|(v, f)| v / f)
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    ratios.get(ratios.len() / 2).copied()
 }
 
 #[cfg(test)]
@@ -108,8 +112,12 @@ mod tests {
 
     #[test]
     fn ratios_and_units() {
-        assert_eq!(ratio(90.0, 100.0), "0.90");
-        assert_eq!(ratio(1.0, 0.0), "-");
+        // Rounds 2 and 3 ran slower for everything; pairing cancels it.
+        assert_eq!(
+            median_ratio(&[90.0, 45.0, 46.0], &[100.0, 50.0, 50.0]),
+            Some(0.9)
+        );
+        assert_eq!(median_ratio(&[1.0], &[0.0]), None);
         assert_eq!(ms(Duration::from_micros(1500)), "1.500");
         assert_eq!(us(Duration::from_micros(1500)), "1500");
     }

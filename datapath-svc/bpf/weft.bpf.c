@@ -72,7 +72,7 @@ static __always_inline int lb4_forward(struct __sk_buff *skb, struct tuple4 *t, 
 	now = bpf_ktime_get_ns();
 
 	be = NULL;
-	e = ct_lookup(&weft_ct4_services, t, now);
+	e = ct_lookup(&weft_ct4_services, t, &now);
 	if (e) {
 		/* An existing connection keeps its backend, even one that is
 		 * terminating, for as long as the backend exists. */
@@ -209,10 +209,10 @@ static __always_inline int lb4_reverse(struct __sk_buff *skb, const struct tuple
 	struct ct4_entry *e;
 	__be32 front_addr, client_addr;
 	__be16 front_port, client_port;
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = 0;
 	int rc;
 
-	e = ct_lookup(&weft_ct4_reverse, t, now);
+	e = ct_lookup(&weft_ct4_reverse, t, &now);
 	if (!e || !!(e->flags & CT_FLAG_SNAT) != !!snat)
 		return NOT_OURS;
 	front_addr = e->address;
@@ -262,7 +262,7 @@ static __always_inline int masquerade(struct __sk_buff *skb, const struct tuple4
 	nat_addr = *dev_addr;
 	now = bpf_ktime_get_ns();
 
-		e = ct_lookup(&weft_masq4, t, now);
+	e = ct_lookup(&weft_masq4, t, &now);
 	if (!e) {
 		ct_key_of(&key, t);
 		if (bpf_map_lookup_elem(&weft_ct4_inbound, &key))
@@ -437,9 +437,9 @@ static __always_inline void track_inbound(const struct tuple4 *t)
 		.dport = t->sport,
 		.proto = t->proto,
 	};
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now;
 
-		if (!CFG_MASQUERADE || in_cluster(t->saddr))
+	if (!CFG_MASQUERADE || in_cluster(t->saddr))
 		return;
 	/* A TCP connection from outside starts with a SYN; anything else
 	 * arriving is part of a connection the pod started. */
@@ -448,6 +448,7 @@ static __always_inline void track_inbound(const struct tuple4 *t)
 	/* A UDP reply to the pod's own (masqueraded) flow. */
 	if (bpf_map_lookup_elem(&weft_masq4, &key))
 		return;
+	now = bpf_ktime_get_ns();
 	bpf_map_update_elem(&weft_ct4_inbound, &key, &now, BPF_ANY);
 }
 
@@ -495,61 +496,166 @@ pass:
 	return WEFT_PASS;
 }
 
-/* Socket load-balancing. Every node's programs sit on the same cgroup in
- * the lab (one kernel, many nodes), so each acts only in its own network
- * namespace. Returning 1 lets the call proceed; 0 fails it with EPERM. */
-static __always_inline int sock4_translate(struct bpf_sock_addr *ctx)
+/* Socket load-balancing, for the node's own processes and its pods (see
+ * sock.h). Every node's programs sit on the same cgroup in the lab (one
+ * kernel, many nodes), so each acts only in its own network namespace and
+ * its own pods'. Returning 1 lets the call proceed; 0 fails it, with
+ * ECONNREFUSED for a Service without a backend, as kube-proxy's REJECT
+ * rule would. `sendmsg`: an unconnected UDP datagram, which keeps to the
+ * backend its socket's flow already has. */
+static __always_inline int sock4_translate(struct bpf_sock_addr *ctx, int sendmsg)
 {
 	struct lb4_service *svc, s;
 	struct lb4_backend *be, b;
 	struct sock4_revnat_key rkey = {};
 	struct sock4_revnat rn = {};
+	struct sock4_flow_key fkey = {};
+	struct sock4_flow *flow, nflow = {};
+	struct sock4_pod *pod;
+	struct sock4_xlate *xlate;
+	struct bpf_sock *sk;
+	struct flow_event ev = {};
+	struct tuple4 t = {};
 	__be32 daddr = ctx->user_ip4;
 	__be16 dport = (__be16)ctx->user_port;
+	__be32 client = 0;
 	__u8 proto = ctx->protocol;
-	__u64 cookie, now;
-	__u32 id;
+	__u64 netns, cookie, now;
+	__u32 id = 0, ep_id = 0, hash;
+	int is_new = 1;
 
-	if (bpf_get_netns_cookie(ctx) != CFG_NETNS_COOKIE)
-		return 1;
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return 1;
+	netns = bpf_get_netns_cookie(ctx);
+	if (netns != CFG_NETNS_COOKIE) {
+		pod = bpf_map_lookup_elem(&weft_sock4_pods, &netns);
+		if (!pod)
+			return 1;
+		client = pod->address;
+		ep_id = pod->ep_id;
+	}
 	svc = lb4_lookup_service(daddr, dport, proto);
 	if (!svc)
 		return 1;
 	s = *svc;
 	cookie = bpf_get_socket_cookie(ctx);
 	now = bpf_ktime_get_ns();
-	id = lb4_select(daddr, dport, proto, &s, 0, hash3((__u32)cookie, (__u32)(cookie >> 32), daddr ^ CFG_HASH_SEED), now);
-	be = lb4_usable_backend(id);
+	t.saddr = client;
+	t.daddr = daddr;
+	t.dport = dport;
+	t.proto = proto;
+	sk = ctx->sk;
+	if (sk)
+		t.sport = bpf_htons((__u16)sk->src_port);
+
+	if (sendmsg) {
+		fkey.cookie = cookie;
+		fkey.address = daddr;
+		fkey.port = dport;
+		fkey.proto = proto;
+		flow = bpf_map_lookup_elem(&weft_sock4_flows, &fkey);
+		/* A flow keeps its backend, even a terminating one, as long as
+		 * the backend exists. */
+		if (flow && now - flow->last_seen <= CT_LIFETIME_NONTCP &&
+		    bpf_map_lookup_elem(&weft_lb4_backends, &flow->backend_id)) {
+			id = flow->backend_id;
+			flow->last_seen = now;
+			is_new = 0;
+		}
+	}
+	if (is_new) {
+		/* A pod's socket bound to its port hashes as the same flow does
+		 * on the per-packet path, so Maglev picks the same backend
+		 * either way; otherwise the socket itself is the flow. */
+		if (client && t.sport)
+			hash = hash3(client, daddr ^ CFG_HASH_SEED, (((__u32)t.sport) << 16 | dport) ^ proto);
+		else
+			hash = hash3((__u32)cookie, (__u32)(cookie >> 32), daddr ^ CFG_HASH_SEED);
+		id = lb4_select(daddr, dport, proto, &s, client, hash, now);
+		be = lb4_usable_backend(id);
+	} else {
+		be = bpf_map_lookup_elem(&weft_lb4_backends, &id);
+	}
 	if (!be) {
 		count_len(0, REASON_NO_BACKEND);
+		if (ep_id) {
+			flow_fill(&ev, &t, FLOW_DROPPED, REASON_NO_BACKEND);
+			ev.ep_id = ep_id;
+			flow_emit(&ev);
+		}
+		bpf_set_retval(-ECONNREFUSED);
 		return 0;
 	}
 	b = *be;
 	ctx->user_ip4 = b.address;
 	ctx->user_port = b.port;
-	rkey.cookie = cookie;
-	rkey.address = b.address;
-	rkey.port = b.port;
-	rn.address = daddr;
-	rn.port = dport;
-	rn.rev_nat_index = s.rev_nat_index;
-	bpf_map_update_elem(&weft_sock4_revnat, &rkey, &rn, BPF_ANY);
+	if (sendmsg) {
+		rkey.cookie = cookie;
+		rkey.address = b.address;
+		rkey.port = b.port;
+		if (is_new || !bpf_map_lookup_elem(&weft_sock4_revnat, &rkey)) {
+			rn.address = daddr;
+			rn.port = dport;
+			rn.rev_nat_index = s.rev_nat_index;
+			bpf_map_update_elem(&weft_sock4_revnat, &rkey, &rn, BPF_ANY);
+		}
+	} else if (sk) {
+		/* A connected socket: it remembers its frontend itself. */
+		xlate = bpf_sk_storage_get(&weft_sock4_xlate, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (xlate) {
+			xlate->address = daddr;
+			xlate->port = dport;
+			xlate->rev_nat_index = s.rev_nat_index;
+			xlate->backend = b.address;
+			xlate->backend_port = b.port;
+		}
+	}
+	if (!is_new)
+		return 1;
+	if (sendmsg) {
+		nflow.last_seen = now;
+		nflow.backend_id = id;
+		bpf_map_update_elem(&weft_sock4_flows, &fkey, &nflow, BPF_ANY);
+	}
 	count_len(0, REASON_SOCK_TRANSLATED);
+	if (ep_id) {
+		flow_fill(&ev, &t, FLOW_TRANSLATED, REASON_SOCK_TRANSLATED);
+		ev.daddr = b.address;
+		ev.dport = b.port;
+		ev.orig_daddr = daddr;
+		ev.orig_dport = dport;
+		ev.ep_id = ep_id;
+		flow_emit(&ev);
+	}
 	return 1;
 }
 
+/* Shows a translated socket its frontend again. Both ways of finding the
+ * translation belong to this node's programs alone (the socket's own
+ * storage in this node's map, or this node's map keyed by the socket's
+ * cookie), so no namespace check is needed. */
 static __always_inline int sock4_reverse(struct bpf_sock_addr *ctx)
 {
 	struct sock4_revnat_key rkey = {};
 	struct sock4_revnat *rn;
+	struct sock4_xlate *xlate;
+	struct bpf_sock *sk = ctx->sk;
+	__be32 addr = ctx->user_ip4;
+	__be16 port = (__be16)ctx->user_port;
 
-	if (bpf_get_netns_cookie(ctx) != CFG_NETNS_COOKIE)
+	if (sk) {
+		xlate = bpf_sk_storage_get(&weft_sock4_xlate, sk, 0, 0);
+		if (xlate && xlate->backend == addr && xlate->backend_port == port) {
+			ctx->user_ip4 = xlate->address;
+			ctx->user_port = xlate->port;
+			return 1;
+		}
+	}
+	if (ctx->protocol != IPPROTO_UDP)
 		return 1;
 	rkey.cookie = bpf_get_socket_cookie(ctx);
-	rkey.address = ctx->user_ip4;
-	rkey.port = (__be16)ctx->user_port;
+	rkey.address = addr;
+	rkey.port = port;
 	rn = bpf_map_lookup_elem(&weft_sock4_revnat, &rkey);
 	if (rn) {
 		ctx->user_ip4 = rn->address;
@@ -561,13 +667,13 @@ static __always_inline int sock4_reverse(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect4")
 int sock_connect4(struct bpf_sock_addr *ctx)
 {
-	return sock4_translate(ctx);
+	return sock4_translate(ctx, 0);
 }
 
 SEC("cgroup/sendmsg4")
 int sock_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	return sock4_translate(ctx);
+	return sock4_translate(ctx, 1);
 }
 
 SEC("cgroup/recvmsg4")

@@ -28,6 +28,7 @@ use crate::{
     podnet,
     policy_sync::{AddressBook, PolicySync},
     routing::{Device, RoutingMode},
+    sockpods::SockPods,
     sync::LbSync,
 };
 
@@ -125,6 +126,10 @@ pub struct Agent {
     pub programs: Mutex<Programs>,
     /// The programs every pod veth carries.
     pub pod_programs: PodPrograms,
+    /// The pods whose Services the socket hooks translate.
+    pub sock_pods: SockPods,
+    /// Whether pods get their Services translated at the socket layer.
+    pub sock_lb_pods: bool,
     pub lb: Mutex<LbSync<KernelLbMaps>>,
     pub counters: Arc<Counters>,
     pub netlink: rtnetlink::Handle,
@@ -160,6 +165,8 @@ pub struct AgentParts {
     pub endpoints: Endpoints,
     pub programs: Programs,
     pub pod_programs: PodPrograms,
+    pub sock_pods: SockPods,
+    pub sock_lb_pods: bool,
     pub lb: LbSync<KernelLbMaps>,
     pub counters: Arc<Counters>,
     pub netlink: rtnetlink::Handle,
@@ -182,6 +189,8 @@ impl Agent {
             ipam: p.ipam,
             endpoints: p.endpoints,
             pod_programs: p.pod_programs,
+            sock_pods: p.sock_pods,
+            sock_lb_pods: p.sock_lb_pods,
             programs: Mutex::new(p.programs),
             lb: Mutex::new(p.lb),
             counters: p.counters,
@@ -288,6 +297,14 @@ impl Agent {
         podnet::address(&self.netlink, &mut link, netns, &req.ifname, ip)
             .await
             .map_err(|e| setup(&e))?;
+        if self.sock_lb_pods
+            && let Err(e) = self
+                .sock_pods
+                .insert(link.netns_cookie, ip, link.host_ifindex)
+        {
+            // The programs on the veth serve the pod's Services meanwhile.
+            tracing::warn!(pod = %req.pod_name, error = %e, "socket-level load-balancing for the pod");
+        }
         let record = EndpointRecord {
             container_id: req.container_id.clone(),
             ifname: req.ifname.clone(),
@@ -301,6 +318,7 @@ impl Agent {
             pod_mac: podnet::format_mac(&link.pod_mac),
             mtu,
             port_mappings: req.port_mappings.clone(),
+            netns_cookie: link.netns_cookie,
         };
         self.endpoints.put(&record).await.map_err(store_failure)?;
         tracing::info!(pod = %record.pod(), ip = %record.ip, host_ifname = %record.host_ifname, "endpoint added");
@@ -341,6 +359,11 @@ impl Agent {
             .await
             .map_err(|e| CniFailure::internal(cni_code::NETWORK_SETUP, e.to_string()))?;
         self.pod_programs.forget_tcx_links(&record.host_ifname);
+        if let Ok(ip) = record.ip.parse()
+            && let Err(e) = self.sock_pods.remove(ip)
+        {
+            tracing::warn!(pod = %record.pod(), error = %e, "removing the pod from the socket hooks");
+        }
         self.ipam
             .release(&key)
             .await
@@ -426,18 +449,25 @@ impl Agent {
     /// (the pod died while no datapath-svc ran) are cleaned up.
     pub async fn restore_endpoints(&self) -> anyhow::Result<usize> {
         let mut restored = 0;
+        let mut sock_pods = HashMap::new();
         for record in self.endpoints.all()? {
             let attached = match podnet::link_index(&self.netlink, &record.host_ifname).await {
                 Ok(Some(index)) => self
                     .pod_programs
                     .attach(&self.netlink, index, &record.host_ifname)
                     .await
+                    .map(|()| index)
                     .map_err(|e| e.to_string()),
                 Ok(None) => Err(format!("{} is gone", record.host_ifname)),
                 Err(e) => Err(e.to_string()),
             };
             match attached {
-                Ok(()) => restored += 1,
+                Ok(index) => {
+                    restored += 1;
+                    if self.sock_lb_pods {
+                        self.sock_pod_of(&record, index, &mut sock_pods).await;
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(pod = %record.pod(), error = %e, "endpoint's interface is gone; removing it");
                     if let Err(e) = self.teardown(&record).await {
@@ -446,7 +476,33 @@ impl Agent {
                 }
             }
         }
+        // Pods gone while no agent ran leave the map too.
+        self.sock_pods.sync(&sock_pods)?;
         Ok(restored)
+    }
+
+    /// Adds a restored endpoint to the socket hooks' pods; its namespace's
+    /// cookie is looked up if the record predates it.
+    async fn sock_pod_of(
+        &self,
+        record: &EndpointRecord,
+        ifindex: u32,
+        pods: &mut HashMap<u64, (Ipv4Addr, u32)>,
+    ) {
+        let Ok(ip) = record.ip.parse() else {
+            return;
+        };
+        let cookie = match record.netns_cookie {
+            0 => match podnet::netns_cookie(Path::new(&record.netns)).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(pod = %record.pod(), error = %e, "no socket-level load-balancing for the pod");
+                    return;
+                }
+            },
+            c => c,
+        };
+        pods.insert(cookie, (ip, ifindex));
     }
 
     /// Asks identity-svc for the new pod's identity right away, holding a

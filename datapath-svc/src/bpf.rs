@@ -29,12 +29,12 @@ use aya::{
 use ipnet::Ipv4Net;
 
 use crate::{
-    podattach::PodPrograms,
     maps::{
         EndpointPolicy, IpcacheEntry, IpcacheKey, Lb4Backend, Lb4Key, Lb4MaglevBlock, Lb4MaglevKey,
         Lb4ReverseNat, Lb4Service, MetricsValue, PolicyEntry, PolicyKey, Reason, be_addr, globals,
         names,
     },
+    podattach::PodPrograms,
     sync::{LbMaps, MaglevConfig, SyncError},
 };
 
@@ -310,6 +310,11 @@ impl Programs {
             ipcache: lpm(&mut self.ebpf, names::IPCACHE)?,
             endpoints: take_hash(&mut self.ebpf, names::ENDPOINTS)?,
         })
+    }
+
+    /// The pods the socket hooks translate for.
+    pub fn take_sock_pods(&mut self) -> Result<BpfHashMap<MapData, u64, crate::maps::Sock4Pod>> {
+        take_hash(&mut self.ebpf, names::SOCK4_PODS)
     }
 
     /// The flow-event ring buffer.

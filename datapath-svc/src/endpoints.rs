@@ -36,6 +36,9 @@ pub struct EndpointRecord {
     /// The runtime's portMappings (HostPort), from CNI.
     #[prost(message, repeated, tag = "12")]
     pub port_mappings: Vec<PortMapping>,
+    /// The cookie of the pod's network namespace (0: not recorded).
+    #[prost(uint64, tag = "13")]
+    pub netns_cookie: u64,
 }
 
 impl EndpointRecord {

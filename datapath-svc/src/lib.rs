@@ -25,6 +25,7 @@ pub mod podnet;
 pub mod policy;
 pub mod policy_sync;
 pub mod routing;
+pub mod sockpods;
 pub mod sync;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
@@ -145,6 +146,13 @@ pub struct Args {
     #[arg(long, env = "WEFT_SOCKET_LB", default_value_t = true, action = clap::ArgAction::Set)]
     pub socket_lb: bool,
 
+    /// Translate Services at the socket layer for the node's own processes
+    /// only, not for pods: their Services are then translated per packet
+    /// on their veths. For workloads that must see the Service address on
+    /// the wire (some service meshes).
+    #[arg(long, env = "WEFT_SOCKET_LB_HOST_NAMESPACE_ONLY", default_value_t = false, action = clap::ArgAction::Set)]
+    pub socket_lb_host_namespace_only: bool,
+
     /// The cgroup v2 hierarchy the socket programs attach to; empty finds it.
     #[arg(long, env = "WEFT_CGROUP_ROOT", default_value = "")]
     pub cgroup_root: String,
@@ -215,6 +223,9 @@ fn features(args: &Args) -> Vec<String> {
     }
     if args.socket_lb {
         f.push("SocketLB".into());
+        if !args.socket_lb_host_namespace_only {
+            f.push("SocketLBPods".into());
+        }
     }
     f
 }
@@ -270,6 +281,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let pod_programs = programs
         .take_pod_programs()
         .ok_or_else(|| anyhow::anyhow!("the pod programs were taken twice"))?;
+    let sock_pods = sockpods::SockPods::new(programs.take_sock_pods()?);
 
     let store = Store::open(&args.state_dir)?;
     let ipam = PodIpam::new(store.raw_tree("pod_ips")?, control::cached_cidr(&store)?);
@@ -311,6 +323,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         endpoints,
         programs,
         pod_programs,
+        sock_pods,
+        sock_lb_pods: args.socket_lb && !args.socket_lb_host_namespace_only,
         lb,
         counters,
         netlink,

@@ -19,6 +19,7 @@ pub mod names {
     pub const LB4_AFFINITY: &str = "weft_lb4_affinity";
     pub const MASQ4: &str = "weft_masq4";
     pub const SOCK4_REVNAT: &str = "weft_sock4_revnat";
+    pub const SOCK4_PODS: &str = "weft_sock4_pods";
     pub const NODE_ADDRS: &str = "weft_node_addrs";
     pub const POLICY: &str = "weft_policy";
     pub const IPCACHE: &str = "weft_ipcache";
@@ -291,6 +292,44 @@ pub struct Sock4Revnat {
     pub rev_nat_index: u16,
 }
 
+/// What a connected socket was translated from (socket-local storage).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Sock4Xlate {
+    pub address: u32,
+    pub port: u16,
+    pub rev_nat_index: u16,
+    pub backend: u32,
+    pub backend_port: u16,
+    pub pad: u16,
+}
+
+/// A pod of this node, keyed by its network namespace's cookie.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Sock4Pod {
+    pub address: u32,
+    pub ep_id: u32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Sock4FlowKey {
+    pub cookie: u64,
+    pub address: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Sock4Flow {
+    pub last_seen: u64,
+    pub backend_id: u32,
+    pub pad: u32,
+}
+
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MetricsValue {
@@ -322,6 +361,10 @@ unsafe impl aya::Pod for Lb4AffinityKey {}
 unsafe impl aya::Pod for Lb4Affinity {}
 unsafe impl aya::Pod for Sock4RevnatKey {}
 unsafe impl aya::Pod for Sock4Revnat {}
+unsafe impl aya::Pod for Sock4Pod {}
+unsafe impl aya::Pod for Sock4Xlate {}
+unsafe impl aya::Pod for Sock4FlowKey {}
+unsafe impl aya::Pod for Sock4Flow {}
 
 /// Packet outcomes counted in `weft_metrics`; mirrors `enum weft_reason`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -483,6 +526,17 @@ mod tests {
             "lb4_affinity" => layout!(Lb4Affinity, last_used, backend_id),
             "sock4_revnat_key" => layout!(Sock4RevnatKey, cookie, address, port),
             "sock4_revnat" => layout!(Sock4Revnat, address, port, rev_nat_index),
+            "sock4_pod" => layout!(Sock4Pod, address, ep_id),
+            "sock4_xlate" => layout!(
+                Sock4Xlate,
+                address,
+                port,
+                rev_nat_index,
+                backend,
+                backend_port
+            ),
+            "sock4_flow_key" => layout!(Sock4FlowKey, cookie, address, port, proto),
+            "sock4_flow" => layout!(Sock4Flow, last_seen, backend_id),
             "metrics_value" => layout!(MetricsValue, packets, bytes),
             other => panic!("no Rust mirror for C struct {other}"),
         }

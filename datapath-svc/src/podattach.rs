@@ -52,7 +52,11 @@ pub struct PodPrograms {
 }
 
 impl PodPrograms {
-    pub(crate) fn new(from_container: ProgramFd, to_container: ProgramFd, links_dir: &Path) -> Self {
+    pub(crate) fn new(
+        from_container: ProgramFd,
+        to_container: ProgramFd,
+        links_dir: &Path,
+    ) -> Self {
         Self {
             from_container,
             to_container,
@@ -62,7 +66,12 @@ impl PodPrograms {
 
     /// Attaches both programs to the veth `ifindex` (named `ifname`), or
     /// swaps them into the filters already there.
-    pub async fn attach(&self, handle: &Handle, ifindex: u32, ifname: &str) -> Result<(), BpfError> {
+    pub async fn attach(
+        &self,
+        handle: &Handle,
+        ifindex: u32,
+        ifname: &str,
+    ) -> Result<(), BpfError> {
         let err = |direction: &'static str| {
             move |e: rtnetlink::Error| BpfError::Attach {
                 target: ifname.to_string(),
@@ -76,10 +85,22 @@ impl PodPrograms {
             Err(e) => return Err(err("clsact")(e)),
         }
         let flags = NLM_F_CREATE | NLM_F_REPLACE;
-        let ingress = bpf_filter(ifindex, TcHandle::MIN_INGRESS, &self.from_container, "from_container");
-        let egress = bpf_filter(ifindex, TcHandle::MIN_EGRESS, &self.to_container, "to_container");
-        let (ingress, egress) =
-            futures::join!(request(handle, ingress, flags), request(handle, egress, flags));
+        let ingress = bpf_filter(
+            ifindex,
+            TcHandle::MIN_INGRESS,
+            &self.from_container,
+            "from_container",
+        );
+        let egress = bpf_filter(
+            ifindex,
+            TcHandle::MIN_EGRESS,
+            &self.to_container,
+            "to_container",
+        );
+        let (ingress, egress) = futures::join!(
+            request(handle, ingress, flags),
+            request(handle, egress, flags)
+        );
         ingress.map_err(err("ingress"))?;
         egress.map_err(err("egress"))?;
         self.forget_tcx_links(ifname);
@@ -115,7 +136,12 @@ fn clsact(ifindex: u32) -> RouteNetlinkMessage {
 
 /// `tc filter replace dev <ifindex> <ingress|egress> prio 1 handle 1 bpf da
 /// fd <program>`.
-fn bpf_filter(ifindex: u32, direction: u16, program: &ProgramFd, name: &str) -> RouteNetlinkMessage {
+fn bpf_filter(
+    ifindex: u32,
+    direction: u16,
+    program: &ProgramFd,
+    name: &str,
+) -> RouteNetlinkMessage {
     let mut msg = TcMessage::with_index(ifindex as i32);
     msg.header.parent = TcHandle {
         major: 0xffff,
@@ -125,9 +151,7 @@ fn bpf_filter(ifindex: u32, direction: u16, program: &ProgramFd, name: &str) -> 
     msg.header.info = u32::from(PRIORITY) << 16 | u32::from(ETH_P_ALL.to_be());
     msg.attributes.push(TcAttribute::Kind("bpf".into()));
     msg.attributes.push(TcAttribute::Options(vec![
-        TcOption::Bpf(TcFilterBpfOption::ProgFd(
-            program.as_fd().as_raw_fd() as u32,
-        )),
+        TcOption::Bpf(TcFilterBpfOption::ProgFd(program.as_fd().as_raw_fd() as u32)),
         TcOption::Bpf(TcFilterBpfOption::ProgName(name.into())),
         TcOption::Bpf(TcFilterBpfOption::Flags(TcBpfFlags::DirectAction)),
     ]));
@@ -135,7 +159,11 @@ fn bpf_filter(ifindex: u32, direction: u16, program: &ProgramFd, name: &str) -> 
 }
 
 /// Sends one request and waits for its acknowledgement.
-async fn request(handle: &Handle, msg: RouteNetlinkMessage, flags: u16) -> Result<(), rtnetlink::Error> {
+async fn request(
+    handle: &Handle,
+    msg: RouteNetlinkMessage,
+    flags: u16,
+) -> Result<(), rtnetlink::Error> {
     let mut req = NetlinkMessage::from(msg);
     req.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
     let mut response = handle.clone().request(req)?;

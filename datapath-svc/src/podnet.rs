@@ -51,6 +51,8 @@ pub struct PodLink {
     pub host_ifindex: u32,
     pub host_mac: [u8; 6],
     pub pod_mac: [u8; 6],
+    /// The cookie of the pod's network namespace, for the socket hooks.
+    pub netns_cookie: u64,
 }
 
 /// A stable host-side interface name for an attachment: the same container
@@ -171,11 +173,12 @@ pub async fn create_pair(
         host_ifindex,
         host_mac,
         pod_mac: [0; 6],
+        netns_cookie: 0,
     })
 }
 
 /// Addresses the pod side of a pair made by [`create_pair`] and routes the
-/// node to the pod; fills in the pod side's MAC.
+/// node to the pod; fills in the pod side's MAC and the namespace's cookie.
 pub async fn address(
     handle: &Handle,
     link: &mut PodLink,
@@ -184,14 +187,13 @@ pub async fn address(
     pod_ip: Ipv4Addr,
 ) -> Result<()> {
     // Inside the pod.
-    link.pod_mac = {
+    (link.pod_mac, link.netns_cookie) = {
         let netns = netns.to_path_buf();
         let pod_ifname = pod_ifname.to_string();
         let host_mac = link.host_mac;
         weft_common::netns::spawn_in(&netns, move || async move {
-            configure_pod_side(&pod_ifname, pod_ip, host_mac)
-                .await
-                .map_err(anyhow::Error::from)
+            let mac = configure_pod_side(&pod_ifname, pod_ip, host_mac).await?;
+            Ok((mac, crate::bpf::netns_cookie()?))
         })
         .await
         .map_err(|e| NetError::Netns {
@@ -280,6 +282,16 @@ async fn configure_pod_side(ifname: &str, ip: Ipv4Addr, gateway_mac: [u8; 6]) ->
         .await
         .map_err(nl("default route"))?;
     Ok(mac_of(&link))
+}
+
+/// The cookie of the network namespace at `netns`.
+pub async fn netns_cookie(netns: &Path) -> Result<u64> {
+    weft_common::netns::spawn_in(netns, || async { Ok(crate::bpf::netns_cookie()?) })
+        .await
+        .map_err(|e| NetError::Netns {
+            path: netns_display(netns),
+            message: format!("{e:#}"),
+        })
 }
 
 /// Removes the veth pair (both ends go together). Gone already is fine.

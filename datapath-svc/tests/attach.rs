@@ -5,11 +5,7 @@
 
 use std::{path::PathBuf, process::Command};
 
-use aya::programs::{
-    LinkOrder, SchedClassifier, TcAttachType,
-    links::FdLink,
-    tc::TcAttachOptions,
-};
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, links::FdLink, tc::TcAttachOptions};
 use datapath_svc::bpf::{LoadConfig, Programs, ensure_bpffs};
 use futures::TryStreamExt as _;
 use rtnetlink::packet_route::tc::{TcAttribute, TcFilterBpfOption, TcOption};
@@ -90,7 +86,10 @@ fn load_and_attach(dir: &std::path::Path, attach: bool) -> anyhow::Result<Attach
                 tc_programs(&handle, ifindex, false).await,
                 tc_programs(&handle, ifindex, true).await,
             ),
-            tcx: (tcx_count(TcAttachType::Ingress), tcx_count(TcAttachType::Egress)),
+            tcx: (
+                tcx_count(TcAttachType::Ingress),
+                tcx_count(TcAttachType::Egress),
+            ),
         })
     })
 }
@@ -127,12 +126,11 @@ fn pod_programs_attach_as_tc_filters_that_a_reload_replaces() {
             ("from_container", TcAttachType::Ingress, "ingress"),
             ("to_container", TcAttachType::Egress, "egress"),
         ] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .expect("in the object")
-                .try_into()?;
+            let prog: &mut SchedClassifier =
+                ebpf.program_mut(name).expect("in the object").try_into()?;
             prog.load()?;
-            let id = prog.attach_with_options(VETH, t, TcAttachOptions::TcxOrder(LinkOrder::default()))?;
+            let id =
+                prog.attach_with_options(VETH, t, TcAttachOptions::TcxOrder(LinkOrder::default()))?;
             let link = FdLink::try_from(prog.take_link(id)?)?;
             link.pin(dir.join("links").join(format!("{VETH}@{direction}")))?;
         }
@@ -168,7 +166,13 @@ fn pod_programs_attach_as_tc_filters_that_a_reload_replaces() {
         .expect("reload");
     assert_eq!(after.tc.0.len(), 1, "a reload replaces, it does not stack");
     assert_eq!(after.tc.1.len(), 1, "a reload replaces, it does not stack");
-    assert_ne!(after.tc.0, first.tc.0, "the new program is the one attached");
-    assert_ne!(after.tc.1, first.tc.1, "the new program is the one attached");
+    assert_ne!(
+        after.tc.0, first.tc.0,
+        "the new program is the one attached"
+    );
+    assert_ne!(
+        after.tc.1, first.tc.1,
+        "the new program is the one attached"
+    );
     let _ = std::fs::remove_dir_all(&pin_dir);
 }

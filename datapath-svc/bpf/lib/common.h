@@ -10,6 +10,7 @@
 #define WEFT_COMMON_H
 
 #include <linux/bpf.h>
+#include <linux/errno.h>
 #include <linux/types.h>
 
 #ifndef WEFT_LAYOUT_PROBE
@@ -65,36 +66,64 @@ enum parse_result {
 	PARSE_OK = 1,
 };
 
-/* Reads the IPv4 5-tuple with bpf_skb_load_bytes, which also works on
- * non-linear packets and spares the verifier variable-offset pointers. */
+/* The bytes of a TCP header up to and including the flags. */
+#define TCP_FLAGS_OFF 13
+
+/* Checks an IPv4 header and takes the addresses and protocol from it. */
+static __always_inline int parse_ip(const struct iphdr *ip, struct tuple4 *t)
+{
+	if (ip->ihl < 5 || ip->version != 4)
+		return PARSE_MALFORMED;
+	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+		return PARSE_NOT_OURS;
+	/* Later fragments carry no ports; they cannot be matched. */
+	if (ip->frag_off & bpf_htons(0x1fff))
+		return PARSE_NOT_OURS;
+	t->saddr = ip->saddr;
+	t->daddr = ip->daddr;
+	t->proto = ip->protocol;
+	t->l4_off = ETH_HLEN + ip->ihl * 4;
+	return PARSE_OK;
+}
+
+/* Reads the IPv4 5-tuple. Headers without options that sit in the linear
+ * part of the packet (nearly all) are read in place; anything else through
+ * bpf_skb_load_bytes, which also works on non-linear packets and spares the
+ * verifier variable-offset pointers. */
 static __always_inline int parse_tuple(struct __sk_buff *skb, struct tuple4 *t)
 {
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *iph = data + ETH_HLEN;
+	__u8 *l4 = (void *)(iph + 1);
 	struct iphdr ip;
 	__be16 ports[2];
+	int rc;
 
 	if (skb->protocol != bpf_htons(ETH_P_IP))
 		return PARSE_NOT_OURS;
+	if ((void *)(l4 + TCP_FLAGS_OFF + 1) <= data_end && iph->ihl == 5) {
+		rc = parse_ip(iph, t);
+		if (rc != PARSE_OK)
+			return rc;
+		t->sport = *(__be16 *)l4;
+		t->dport = *(__be16 *)(l4 + 2);
+		t->tcp_flags = t->proto == IPPROTO_TCP ? l4[TCP_FLAGS_OFF] : 0;
+		return PARSE_OK;
+	}
+
 	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)))
 		return PARSE_MALFORMED;
-	if (ip.ihl < 5 || ip.version != 4)
-		return PARSE_MALFORMED;
-	if (ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP)
-		return PARSE_NOT_OURS;
-	/* Later fragments carry no ports; they cannot be matched. */
-	if (ip.frag_off & bpf_htons(0x1fff))
-		return PARSE_NOT_OURS;
-
-	t->saddr = ip.saddr;
-	t->daddr = ip.daddr;
-	t->proto = ip.protocol;
-	t->l4_off = ETH_HLEN + ip.ihl * 4;
+	rc = parse_ip(&ip, t);
+	if (rc != PARSE_OK)
+		return rc;
 	if (bpf_skb_load_bytes(skb, t->l4_off, ports, sizeof(ports)))
 		return PARSE_MALFORMED;
 	t->sport = ports[0];
 	t->dport = ports[1];
 	t->tcp_flags = 0;
 	if (ip.protocol == IPPROTO_TCP &&
-	    bpf_skb_load_bytes(skb, t->l4_off + 13, &t->tcp_flags, 1))
+	    bpf_skb_load_bytes(skb, t->l4_off + TCP_FLAGS_OFF, &t->tcp_flags, 1))
 		return PARSE_MALFORMED;
 	return PARSE_OK;
 }

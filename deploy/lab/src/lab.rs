@@ -72,6 +72,8 @@ pub struct LabConfig {
     pub otlp_endpoint: Option<String>,
     /// `native` or `tunnel` (VXLAN), passed to every datapath-svc.
     pub routing_mode: String,
+    /// More flags for every datapath-svc (`--socket-lb=false`, say).
+    pub datapath_args: Vec<String>,
 }
 
 impl LabConfig {
@@ -88,6 +90,7 @@ impl LabConfig {
             log_level: "info".into(),
             otlp_endpoint: None,
             routing_mode: "native".into(),
+            datapath_args: Vec::new(),
         }
     }
 }
@@ -405,27 +408,29 @@ impl Lab {
 
     fn datapath_spec(&self, node: &str) -> ProcSpec {
         let state = self.cfg.run_dir.join("state").join(node);
+        let mut args = vec![
+            format!("--node={node}"),
+            format!("--listen=0.0.0.0:{DATAPATH_PORT}"),
+            format!("--cni-socket={}", self.cni_socket(node).display()),
+            format!(
+                "--cni-del-queue-dir={}",
+                self.cni_del_queue_dir(node).display()
+            ),
+            format!("--state-dir={}", state.display()),
+            format!("--watcher=http://{CP_ADDR}:{WATCHER_PORT}"),
+            format!("--ipam=http://{CP_ADDR}:{IPAM_PORT}"),
+            format!("--identity=http://{CP_ADDR}:{IDENTITY_PORT}"),
+            format!("--routing-mode={}", self.cfg.routing_mode),
+            format!("--cluster-pool-ipv4-cidr={}", self.cfg.cluster_pool),
+            "--metrics-listen=0.0.0.0:9413".into(),
+            format!("--log-level={}", self.cfg.log_level),
+        ];
+        args.extend(self.cfg.datapath_args.iter().cloned());
         self.spec(
             &format!("datapath-svc/{node}"),
             node.to_string(),
             "datapath-svc",
-            vec![
-                format!("--node={node}"),
-                format!("--listen=0.0.0.0:{DATAPATH_PORT}"),
-                format!("--cni-socket={}", self.cni_socket(node).display()),
-                format!(
-                    "--cni-del-queue-dir={}",
-                    self.cni_del_queue_dir(node).display()
-                ),
-                format!("--state-dir={}", state.display()),
-                format!("--watcher=http://{CP_ADDR}:{WATCHER_PORT}"),
-                format!("--ipam=http://{CP_ADDR}:{IPAM_PORT}"),
-                format!("--identity=http://{CP_ADDR}:{IDENTITY_PORT}"),
-                format!("--routing-mode={}", self.cfg.routing_mode),
-                format!("--cluster-pool-ipv4-cidr={}", self.cfg.cluster_pool),
-                "--metrics-listen=0.0.0.0:9413".into(),
-                format!("--log-level={}", self.cfg.log_level),
-            ],
+            args,
         )
     }
 
