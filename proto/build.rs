@@ -16,6 +16,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={proto}");
     }
     tonic_prost_build::configure()
+        // Maps as BTreeMap: equal messages then encode to equal bytes, which
+        // lets svc-watcher and the subscribers keep objects encoded.
+        .btree_map(".")
         .file_descriptor_set_path(out.join("weft_descriptor.bin"))
         .compile_protos(PROTOS, &["."])?;
     Ok(())

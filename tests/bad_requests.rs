@@ -10,7 +10,7 @@
 //! process in a lab, since it needs eBPF and a network namespace.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     net::SocketAddr,
     sync::{
         Arc, Mutex,
@@ -403,15 +403,15 @@ async fn first_message<T>(
     }
 }
 
-fn labels_strategy() -> impl Strategy<Value = HashMap<String, String>> {
+fn labels_strategy() -> impl Strategy<Value = BTreeMap<String, String>> {
     prop_oneof![
-        proptest::collection::hash_map(text(24), text(24), 0..5),
-        proptest::collection::hash_map(
+        proptest::collection::btree_map(text(24), text(24), 0..5),
+        proptest::collection::btree_map(
             "(k8s|reserved|[a-z]{1,4}|K8S):[a-z.]{0,6}".prop_map(String::from),
             "[a-z;=]{0,6}".prop_map(String::from),
             1..4
         ),
-        proptest::collection::hash_map("k8s:x".prop_map(String::from), text(80), 1..2),
+        proptest::collection::btree_map("k8s:x".prop_map(String::from), text(80), 1..2),
     ]
 }
 
@@ -441,7 +441,7 @@ fn control_plane_services_refuse_bad_requests_and_keep_their_state() {
         let _ = &mut ipam;
         IdentityClient::new(cp.identity.clone())
             .allocate(id::AllocateRequest {
-                labels: HashMap::from([
+                labels: BTreeMap::from([
                     ("k8s:app".to_string(), "kept".to_string()),
                     (
                         "k8s:io.kubernetes.pod.namespace".to_string(),

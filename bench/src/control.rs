@@ -57,6 +57,8 @@ pub struct Options {
     pub changes: usize,
     pub rate: f64,
     pub pods: usize,
+    /// Only the memory samples: no churn, cold starts or kube-proxy loads.
+    pub memory_only: bool,
     pub cold_starts: usize,
     pub bin_dir: PathBuf,
     pub out_dir: PathBuf,
@@ -539,6 +541,19 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         "all files written at once",
     );
     memory.sample(&format!("{n} svc"), &lab);
+    if opts.memory_only {
+        let pods = create_pods(&lab, opts.pods).await?;
+        memory.sample(&format!("{n} svc + {} pods", opts.pods), &lab);
+        delete_pods(&lab, pods).await?;
+        lab.down().await;
+        return memory
+            .table(&format!(
+                "Memory: RSS of each service (VmRSS; peak is VmHWM over the run), {n} Services, {} endpoints, {} pods",
+                n * e,
+                opts.pods
+            ))
+            .emit(&opts.out_dir, "memory.csv");
+    }
 
     // Churn through the manifest directory.
     let mut c = {

@@ -80,6 +80,9 @@ enum Command {
         pods: Option<usize>,
         #[arg(long, default_value = "iptables-restore")]
         iptables_restore: String,
+        /// Only the memory samples (idle, with the Services, with the pods).
+        #[arg(long)]
+        memory_only: bool,
     },
     /// Just the load generator, from inside a namespace against any address.
     Load {
@@ -179,8 +182,10 @@ fn main() -> anyhow::Result<()> {
                 rate,
                 pods,
                 iptables_restore,
+                memory_only,
             } => {
                 control::run(control::Options {
+                    memory_only,
                     services: services.unwrap_or(if quick { 1000 } else { 10_000 }),
                     endpoints,
                     changes: changes.unwrap_or(if quick { 40 } else { 200 }),

@@ -5,7 +5,7 @@
 //! function. Labels that change on every rollout (pod-template-hash and
 //! friends) are left out, or every rollout would mint new identities.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 /// Identities below this are reserved; allocated identities start here.
 pub const MIN_ALLOCATED_IDENTITY: u32 = 256;
@@ -57,8 +57,8 @@ const IGNORED_POD_LABELS: &[&str] = &[
 /// `pod_labels`, whose namespace carries `namespace_labels`.
 pub fn security_labels(
     namespace: &str,
-    pod_labels: &HashMap<String, String>,
-    namespace_labels: &HashMap<String, String>,
+    pod_labels: &BTreeMap<String, String>,
+    namespace_labels: &BTreeMap<String, String>,
 ) -> BTreeMap<String, String> {
     let mut out: BTreeMap<String, String> = pod_labels
         .iter()
@@ -99,8 +99,8 @@ pub fn canonical_key<'a>(labels: impl IntoIterator<Item = (&'a String, &'a Strin
 /// Service's `spec.selector`). An empty selector selects nothing, as for
 /// Services.
 pub fn selector_matches(
-    selector: &HashMap<String, String>,
-    labels: &HashMap<String, String>,
+    selector: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
 ) -> bool {
     !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
@@ -133,7 +133,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))

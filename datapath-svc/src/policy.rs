@@ -9,7 +9,7 @@
 //! prefix whose identity the rule does not allow. Pure functions: `sync`
 //! applies the result to the maps.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::Ipv4Net;
 use weft_common::labels::{
@@ -35,7 +35,7 @@ pub struct LocalEndpoint {
     /// The pod's host veth ifindex: what the datapath keys policy by.
     pub ep_id: u32,
     pub namespace: String,
-    pub labels: HashMap<String, String>,
+    pub labels: BTreeMap<String, String>,
     pub identity: u32,
     /// Container ports, for named ports.
     pub ports: NamedPorts,
@@ -84,7 +84,7 @@ fn ns_of(policy: &NetworkPolicy) -> &str {
 }
 
 /// Whether `policy` selects a pod in `namespace` with `labels`.
-fn selects(policy: &NetworkPolicy, namespace: &str, labels: &HashMap<String, String>) -> bool {
+fn selects(policy: &NetworkPolicy, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
     ns_of(policy) == namespace
         && policy
             .pod_selector
@@ -354,7 +354,7 @@ mod tests {
     use weft_common::labels::security_labels;
     use weft_proto::watcher::v1::{IpBlock, NetworkPolicyPort, ObjectMeta, Protocol};
 
-    fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -217,7 +217,7 @@ fn inputs(agent: &crate::agent::Agent) -> (DesiredPolicy, BTreeMap<Ipv4Net, u32>
                 .collect(),
         })
         .collect();
-    let namespaces: std::collections::HashMap<String, std::collections::HashMap<String, String>> =
+    let namespaces: std::collections::HashMap<String, std::collections::BTreeMap<String, String>> =
         mirror
             .of_kind(Kind::Namespace)
             .filter_map(|(k, r)| match &r.kind {

@@ -14,7 +14,7 @@
 //! once the synced state has no such pod.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     sync::Arc,
     time::Instant,
 };
@@ -174,7 +174,7 @@ fn desired(mirror: &Mirror, namespace: &str, name: &str) -> Option<Labels> {
     if !holds_identity(pod) {
         return None;
     }
-    let no_labels = HashMap::new();
+    let no_labels = BTreeMap::new();
     let pod_labels = pod.meta.as_ref().map_or(&no_labels, |m| &m.labels);
     let ns_labels = match mirror
         .get(&ObjKey::new(Kind::Namespace, "", namespace))
@@ -302,7 +302,7 @@ mod tests {
         let mut t = Table::default();
         let now = Instant::now();
         // Held from before a restart.
-        let labels = security_labels("x", &HashMap::new(), &HashMap::new());
+        let labels = security_labels("x", &BTreeMap::new(), &BTreeMap::new());
         t.allocate(labels, Some("pod:x/gone"), now, &mut Change::default())
             .expect("free");
         let mut m = Mirror::new();

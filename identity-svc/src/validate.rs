@@ -8,7 +8,7 @@
 //! [`weft_common::labels::canonical_key`]: two different sets can never share
 //! a key.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 /// The most labels one set may carry.
 pub const MAX_LABELS: usize = 256;
@@ -22,7 +22,7 @@ pub const MAX_VALUE_LEN: usize = 63;
 pub const MAX_OWNER_LEN: usize = 512;
 
 /// Checks a client's label set; the error names the offending field.
-pub fn labels(raw: HashMap<String, String>) -> Result<BTreeMap<String, String>, String> {
+pub fn labels(raw: BTreeMap<String, String>) -> Result<BTreeMap<String, String>, String> {
     if raw.is_empty() {
         return Err("labels: must not be empty".into());
     }
@@ -104,7 +104,7 @@ mod tests {
     use super::*;
     use weft_common::labels::security_labels;
 
-    fn set(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    fn set(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -118,7 +118,7 @@ mod tests {
             &set(&[("app", "web"), ("app.kubernetes.io/name", "shop")]),
             &set(&[("kubernetes.io/metadata.name", "team-a")]),
         );
-        let raw: HashMap<String, String> = pod.clone().into_iter().collect();
+        let raw: BTreeMap<String, String> = pod.clone().into_iter().collect();
         assert_eq!(labels(raw), Ok(pod));
     }
 

@@ -5,7 +5,7 @@
 mod common;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -41,8 +41,8 @@ impl Acked {
     }
 }
 
-fn set_labels(set: &str) -> HashMap<String, String> {
-    HashMap::from([
+fn set_labels(set: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
         ("k8s:app".to_string(), set.to_string()),
         (
             "k8s:io.kubernetes.pod.namespace".to_string(),

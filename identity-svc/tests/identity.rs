@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::{collections::HashMap, path::Path, time::Duration};
+use std::{collections::BTreeMap, path::Path, time::Duration};
 
 use common::{
     fake_watcher::{FakeWatcher, namespace, pod},
@@ -34,7 +34,7 @@ fn start(dir: &Path, watcher: &FakeWatcher, extra: &[&str]) -> Proc {
     Proc::start(BIN, &args, &dir.join("identity.log"))
 }
 
-fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -203,7 +203,7 @@ async fn pods_from_the_watcher_hold_their_identities() {
     let mut p = start(dir.path(), &watcher, &[]);
     let mut c = IdentityClient::new(p.wait_serving().await);
 
-    let ns_a = HashMap::from([("team".to_string(), "a".to_string())]);
+    let ns_a = BTreeMap::from([("team".to_string(), "a".to_string())]);
     let web_a = security_labels("shop", &labels(&[("app", "web")]), &ns_a);
     let db_a = security_labels("shop", &labels(&[("app", "db")]), &ns_a);
     let table = eventually(WAIT, "pod identities", || {
@@ -231,7 +231,7 @@ async fn pods_from_the_watcher_hold_their_identities() {
     // The namespace's labels change: the pods move to new identities.
     let (_, mut stream) = watch(&mut c).await;
     watcher.upsert(namespace("shop", &[("team", "b")]));
-    let ns_b = HashMap::from([("team".to_string(), "b".to_string())]);
+    let ns_b = BTreeMap::from([("team".to_string(), "b".to_string())]);
     let web_b = security_labels("shop", &labels(&[("app", "web")]), &ns_b);
     let moved = eventually(WAIT, "the new web identity", || {
         let mut c = c.clone();

@@ -4,7 +4,7 @@
 mod common;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -54,8 +54,8 @@ fn args(dir: &Path, watcher: &FakeWatcher, kubeconfig: &Path, extra: &[&str]) ->
     args
 }
 
-fn set_labels(set: &str) -> HashMap<String, String> {
-    HashMap::from([
+fn set_labels(set: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
         ("k8s:app".to_string(), set.to_string()),
         (
             "k8s:io.kubernetes.pod.namespace".to_string(),

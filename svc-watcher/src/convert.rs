@@ -116,7 +116,7 @@ fn object_meta(m: &meta::ObjectMeta, scope: Scope) -> Result<pb::ObjectMeta> {
     })
 }
 
-fn to_map(m: Option<&BTreeMap<String, String>>) -> std::collections::HashMap<String, String> {
+fn to_map(m: Option<&BTreeMap<String, String>>) -> BTreeMap<String, String> {
     m.map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
         .unwrap_or_default()
 }

@@ -13,7 +13,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     net::SocketAddr,
     pin::Pin,
     sync::{Arc, Mutex},
@@ -221,7 +221,7 @@ fn meta(namespace: &str, name: &str, labels: &[(&str, &str)]) -> Option<ObjectMe
         labels: labels
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect::<HashMap<_, _>>(),
+            .collect::<BTreeMap<_, _>>(),
         ..Default::default()
     })
 }
