@@ -176,7 +176,10 @@ pub fn tcp_who_from(
     let fd = socket::socket(
         AddressFamily::Inet,
         SockType::Stream,
-        SockFlag::empty(),
+        // Close-on-exec: a process another thread forks meanwhile would
+        // otherwise keep this socket open in CLOSE_WAIT, and the next
+        // connect from the same port to the same backend would fail.
+        SockFlag::SOCK_CLOEXEC,
         None,
     )?;
     socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
@@ -189,7 +192,13 @@ pub fn tcp_who_from(
     s.set_read_timeout(Some(timeout))?;
     s.write_all(b"who\n")?;
     let mut reply = String::new();
-    BufReader::new(&mut s).read_line(&mut reply)?;
+    let mut reader = BufReader::new(&mut s);
+    reader.read_line(&mut reply)?;
+    // Wait for the server's FIN before closing: the server is then the
+    // active closer and holds TIME_WAIT, so this fixed source port can
+    // connect to the same backend again at once (a client-side TIME_WAIT
+    // would refuse it with EADDRNOTAVAIL).
+    std::io::copy(&mut reader, &mut std::io::sink())?;
     let name = reply
         .split_whitespace()
         .next()
