@@ -11,6 +11,7 @@ pub mod client;
 pub mod config;
 pub mod grpc;
 pub mod labels;
+pub mod memory;
 pub mod metrics;
 pub mod netns;
 pub mod shutdown;

@@ -48,7 +48,7 @@ pub struct Store {
 /// with every write it ever made; what the services keep here (allocations,
 /// identities, the datapath's cache of cluster state) is read back whole
 /// only at start, so a small cache costs nothing on the hot paths.
-const CACHE_BYTES: u64 = 8 * 1024 * 1024;
+const CACHE_BYTES: u64 = 2 * 1024 * 1024;
 
 impl Store {
     /// Opens (or creates) the database in `dir`.

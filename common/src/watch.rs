@@ -8,9 +8,10 @@
 //! never sees a half-received state (a datapath must not flush its maps
 //! because the watcher restarted).
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use futures::{Stream, StreamExt as _};
+use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -81,6 +82,45 @@ impl std::fmt::Display for ObjKey {
     }
 }
 
+/// An object kept as its protobuf encoding.
+///
+/// Services hold tens of thousands of these (every Service and
+/// EndpointSlice of a cluster), and the encoding takes a fraction of the
+/// memory of the decoded message with its many small strings. It is shared,
+/// not copied, between the places that hold it; and since equal messages
+/// encode to equal bytes (maps are `BTreeMap`s), comparing encodings
+/// compares objects. Objects are decoded where they are used, one at a time.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Packed(Arc<[u8]>);
+
+impl Packed {
+    pub fn new(resource: &Resource) -> Self {
+        Self(resource.encode_to_vec().into())
+    }
+
+    pub fn unpack(&self) -> Resource {
+        // Only `new` makes these, from a message that encoded.
+        Resource::decode(&*self.0).expect("a Packed holds an encoded Resource")
+    }
+
+    /// The encoding.
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Packed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.unpack().fmt(f)
+    }
+}
+
+impl From<&Resource> for Packed {
+    fn from(resource: &Resource) -> Self {
+        Self::new(resource)
+    }
+}
+
 /// What applying one event changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Applied {
@@ -90,11 +130,12 @@ pub enum Applied {
     Changed(Vec<ObjKey>),
 }
 
-/// A local copy of (part of) the cluster state, fed by [`subscribe`].
+/// A local copy of (part of) the cluster state, fed by [`subscribe`]. The
+/// objects are kept [`Packed`]; readers get them decoded.
 #[derive(Debug, Default, Clone)]
 pub struct Mirror {
-    objects: BTreeMap<ObjKey, Resource>,
-    staging: Option<BTreeMap<ObjKey, Resource>>,
+    objects: BTreeMap<ObjKey, Packed>,
+    staging: Option<BTreeMap<ObjKey, Packed>>,
     synced: bool,
 }
 
@@ -109,7 +150,7 @@ impl Mirror {
     pub fn with_objects(objects: impl IntoIterator<Item = Resource>) -> Self {
         let objects = objects
             .into_iter()
-            .filter_map(|r| Some((ObjKey::of(&r)?, r)))
+            .filter_map(|r| Some((ObjKey::of(&r)?, Packed::new(&r))))
             .collect();
         Self {
             objects,
@@ -123,20 +164,31 @@ impl Mirror {
         self.synced
     }
 
-    pub fn get(&self, key: &ObjKey) -> Option<&Resource> {
+    pub fn get(&self, key: &ObjKey) -> Option<Resource> {
+        self.objects.get(key).map(Packed::unpack)
+    }
+
+    /// Every object, still encoded, in key order.
+    pub fn packed(&self) -> impl Iterator<Item = &Packed> {
+        self.objects.values()
+    }
+
+    /// The object under `key`, still encoded.
+    pub fn get_packed(&self, key: &ObjKey) -> Option<&Packed> {
         self.objects.get(key)
     }
 
-    pub fn objects(&self) -> impl Iterator<Item = (&ObjKey, &Resource)> {
-        self.objects.iter()
+    pub fn objects(&self) -> impl Iterator<Item = (&ObjKey, Resource)> {
+        self.objects.iter().map(|(k, p)| (k, p.unpack()))
     }
 
     /// The objects of one kind.
-    pub fn of_kind(&self, kind: Kind) -> impl Iterator<Item = (&ObjKey, &Resource)> {
+    pub fn of_kind(&self, kind: Kind) -> impl Iterator<Item = (&ObjKey, Resource)> {
         let start = ObjKey::new(kind, "", "");
         self.objects
             .range(start..)
             .take_while(move |(k, _)| k.kind == kind)
+            .map(|(k, p)| (k, p.unpack()))
     }
 
     pub fn len(&self) -> usize {
@@ -157,16 +209,17 @@ impl Mirror {
                 let Some(key) = ObjKey::of(resource) else {
                     return Applied::Nothing;
                 };
+                let packed = Packed::new(resource);
                 match &mut self.staging {
                     Some(staging) => {
-                        staging.insert(key, resource.clone());
+                        staging.insert(key, packed);
                         Applied::Nothing
                     }
                     None => {
-                        if self.objects.get(&key) == Some(resource) {
+                        if self.objects.get(&key) == Some(&packed) {
                             return Applied::Nothing;
                         }
-                        self.objects.insert(key.clone(), resource.clone());
+                        self.objects.insert(key.clone(), packed);
                         Applied::Changed(vec![key])
                     }
                 }
@@ -269,7 +322,9 @@ pub fn subscribe(
     connected: Option<tokio::sync::watch::Sender<bool>>,
 ) -> impl Stream<Item = WatchEvent> + Send + 'static {
     let subscriber = subscriber.into();
-    let (tx, rx) = mpsc::channel(1024);
+    // Events wait here decoded; a snapshot of 100,000 endpoints would
+    // otherwise sit in memory twice while the consumer catches up.
+    let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         let mut client = WatcherClient::new(channel).max_decoding_message_size(64 << 20);
         let mut resume = ResumePoint::new();

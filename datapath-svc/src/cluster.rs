@@ -1,10 +1,11 @@
 //! Follows the cluster state from svc-watcher and keeps the load-balancer
 //! maps in line with it.
 //!
-//! Every object received is also written to a sled cache, so a datapath-svc
-//! that starts while svc-watcher is down reprograms from the last state it
-//! saw instead of from nothing. Changes are applied per Service: a changed
-//! Service or EndpointSlice recomputes that Service's frontends only.
+//! Every change also wakes the writer of the on-disk cache (see
+//! [`crate::cache`]), so a datapath-svc that starts while svc-watcher is
+//! down reprograms from the last state it saw instead of from nothing.
+//! Changes are applied per Service: a changed Service or EndpointSlice
+//! recomputes that Service's frontends only.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -15,10 +16,7 @@ use std::{
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
-use weft_common::{
-    store::{MsgTree, Store, StoreError},
-    watch::{Applied, Mirror, ObjKey, subscribe},
-};
+use weft_common::watch::{Applied, Mirror, ObjKey, subscribe};
 use weft_proto::watcher::v1::{Kind, Resource, resource, watch_event::Event};
 
 use crate::{
@@ -36,53 +34,6 @@ pub const KINDS: [Kind; 6] = [
     Kind::NetworkPolicy,
 ];
 
-/// Marks a cache that once held a complete state.
-const SYNCED_MARKER: &str = "\u{0}synced";
-
-/// The on-disk copy of the cluster state.
-#[derive(Clone)]
-pub struct ClusterCache {
-    tree: MsgTree<Resource>,
-    meta: sled::Tree,
-}
-
-impl ClusterCache {
-    pub fn open(store: &Store) -> Result<Self, StoreError> {
-        Ok(Self {
-            tree: store.tree("cluster")?,
-            meta: store.raw_tree("cluster_meta")?,
-        })
-    }
-
-    /// The cached state; synced when the cache once held a complete one.
-    pub fn load(&self) -> Result<Mirror, StoreError> {
-        let objects = self.tree.entries()?.into_iter().map(|(_, r)| r);
-        if self.meta.contains_key(SYNCED_MARKER)? {
-            Ok(Mirror::with_objects(objects))
-        } else {
-            Ok(Mirror::new())
-        }
-    }
-
-    fn save(&self, mirror: &Mirror, keys: &[ObjKey]) -> Result<(), StoreError> {
-        for key in keys {
-            let k = key.to_string();
-            match mirror.get(key) {
-                Some(r) => self.tree.insert(&k, r)?,
-                None => {
-                    self.tree.remove(&k)?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn mark_synced(&self) -> Result<(), StoreError> {
-        self.meta.insert(SYNCED_MARKER, &[])?;
-        Ok(())
-    }
-}
-
 /// (namespace, name) of a Service.
 type SvcKey = (String, String);
 
@@ -98,8 +49,16 @@ pub enum Owner {
 /// Which frontends each owner has and which slices belong to each Service.
 #[derive(Default)]
 pub struct LbController {
-    slices: HashMap<SvcKey, BTreeSet<String>>,
+    /// Slice names by Service; a Service nearly always has one, so a
+    /// short vector rather than a set (whose smallest node is eleven wide).
+    slices: HashMap<SvcKey, Vec<String>>,
     frontends: HashMap<Owner, Vec<Frontend>>,
+}
+
+fn add_slice(names: &mut Vec<String>, name: &str) {
+    if !names.iter().any(|n| n == name) {
+        names.push(name.to_string());
+    }
 }
 
 fn slice_service(r: &Resource) -> Option<SvcKey> {
@@ -142,14 +101,14 @@ impl LbController {
                         }
                     })
                     .collect();
-                lb::service_frontends(svc, slices.iter().copied(), &agent.config.view)
+                lb::service_frontends(&svc, slices.iter(), &agent.config.view)
             }
             Owner::HostPorts(pod) => {
                 let (ns, name) = pod.split_once('/').unwrap_or(("", pod));
                 let declared = match mirror.get(&ObjKey::new(Kind::Pod, ns, name)) {
                     Some(Resource {
                         kind: Some(resource::Kind::Pod(p)),
-                    }) => lb::pod_host_ports(p),
+                    }) => lb::pod_host_ports(&p),
                     _ => Vec::new(),
                 };
                 let records = agent.endpoints.all().unwrap_or_default();
@@ -198,8 +157,8 @@ impl LbController {
     pub fn full_sync(&mut self, agent: &Agent, mirror: &Mirror) -> anyhow::Result<usize> {
         self.slices.clear();
         for (key, r) in mirror.of_kind(Kind::EndpointSlice) {
-            if let Some(svc) = slice_service(r) {
-                self.slices.entry(svc).or_default().insert(key.name.clone());
+            if let Some(svc) = slice_service(&r) {
+                add_slice(self.slices.entry(svc).or_default(), &key.name);
             }
         }
         let mut desired: BTreeMap<Frontend, FrontendSpec> = BTreeMap::new();
@@ -238,16 +197,16 @@ impl LbController {
                 Kind::EndpointSlice => {
                     // The slice may have moved between services.
                     if let Some(Some(old)) = before.get(key) {
-                        if let Some(set) = self.slices.get_mut(old) {
-                            set.remove(&key.name);
+                        if let Some(names) = self.slices.get_mut(old) {
+                            names.retain(|n| *n != key.name);
+                            if names.is_empty() {
+                                self.slices.remove(old);
+                            }
                         }
                         dirty.insert(Owner::Service(old.0.clone(), old.1.clone()));
                     }
-                    if let Some(new) = mirror.get(key).and_then(slice_service) {
-                        self.slices
-                            .entry(new.clone())
-                            .or_default()
-                            .insert(key.name.clone());
+                    if let Some(new) = mirror.get(key).as_ref().and_then(slice_service) {
+                        add_slice(self.slices.entry(new.clone()).or_default(), &key.name);
                         dirty.insert(Owner::Service(new.0, new.1));
                     }
                 }
@@ -309,7 +268,7 @@ impl LbController {
 /// Follows svc-watcher until shutdown.
 pub async fn follow(
     agent: Arc<Agent>,
-    cache: ClusterCache,
+    cache_dirty: Arc<tokio::sync::Notify>,
     mut controller: LbController,
     watcher: Channel,
     mut hostports: tokio::sync::mpsc::UnboundedReceiver<String>,
@@ -349,23 +308,23 @@ pub async fn follow(
                 Some(Event::Upsert(r)) => ObjKey::of(r)
                     .filter(|k| k.kind == Kind::EndpointSlice)
                     .map(|k| {
-                        let old = mirror.get(&k).and_then(slice_service);
+                        let old = mirror.get(&k).as_ref().and_then(slice_service);
                         HashMap::from([(k, old)])
                     })
                     .unwrap_or_default(),
                 Some(Event::Delete(k)) => {
                     let k = ObjKey::from_proto(k);
-                    let old = mirror.get(&k).and_then(slice_service);
+                    let old = mirror.get(&k).as_ref().and_then(slice_service);
                     HashMap::from([(k, old)])
                 }
                 _ => HashMap::new(),
             };
             let applied = mirror.apply(&event);
+            if is_synced || applied != Applied::Nothing {
+                cache_dirty.notify_one();
+            }
             let outcome = match &applied {
                 Applied::Changed(keys) => {
-                    if let Err(e) = cache.save(&mirror, keys) {
-                        tracing::warn!(error = %e, "caching the cluster state");
-                    }
                     if is_synced {
                         Ok(())
                     } else {
@@ -374,9 +333,6 @@ pub async fn follow(
                 }
                 Applied::Nothing => Ok(()),
             };
-            if is_synced && let Err(e) = cache.mark_synced() {
-                tracing::warn!(error = %e, "caching the cluster state");
-            }
             if is_synced {
                 agent.routes_dirty.notify_one();
                 agent.policy_dirty.notify_one();

@@ -29,9 +29,11 @@ pub struct FlowLog {
 impl FlowLog {
     pub fn new(capacity: usize) -> Self {
         Self {
-            recent: Mutex::new(VecDeque::with_capacity(capacity)),
+            recent: Mutex::new(VecDeque::new()),
             capacity,
-            feed: broadcast::channel(4096).0,
+            // Followers that fall this far behind are told they lagged;
+            // every slot is allocated up front, so keep it modest.
+            feed: broadcast::channel(512).0,
         }
     }
 

@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod api;
 pub mod bpf;
+pub mod cache;
 pub mod cluster;
 pub mod cni;
 pub mod control;
@@ -43,7 +44,8 @@ use weft_proto::datapath::v1::{cni_server::CniServer, datapath_server::DatapathS
 use crate::{
     agent::{Agent, AgentParts},
     bpf::Programs,
-    cluster::{ClusterCache, LbController},
+    cache::ClusterCache,
+    cluster::LbController,
     endpoints::Endpoints,
     podipam::PodIpam,
     sync::LbSync,
@@ -286,8 +288,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let store = Store::open(&args.state_dir)?;
     let ipam = PodIpam::new(store.raw_tree("pod_ips")?, control::cached_cidr(&store)?);
     let endpoints = Endpoints::open(&store)?;
-    let cache = ClusterCache::open(&store)?;
-    let mirror = cache.load()?;
+    let cache = ClusterCache::new(&args.state_dir);
+    let mirror = cache.load(&store)?;
     let lb = LbSync::restore(kernel_maps, maglev_cfg)?;
     let identity = weft_proto::identity::v1::identity_client::IdentityClient::new(
         lazy_channel_tls(&args.identity, tls.as_ref())?,
@@ -360,10 +362,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let watcher = lazy_channel_tls(&args.watcher, tls.as_ref())?;
     let ipam_channel = lazy_channel_tls(&args.ipam, tls.as_ref())?;
     let identity_channel = lazy_channel_tls(&args.identity, tls.as_ref())?;
+    let cache_dirty = Arc::new(tokio::sync::Notify::new());
     let tasks = vec![
-        tokio::spawn(cluster::follow(
+        tokio::spawn(cache::keep(
             agent.clone(),
             cache,
+            cache_dirty.clone(),
+            token.clone(),
+        )),
+        tokio::spawn(cluster::follow(
+            agent.clone(),
+            cache_dirty,
             controller,
             watcher,
             hostports_rx,

@@ -321,11 +321,12 @@ fn inputs(agent: &crate::agent::Agent) -> (DesiredPolicy, BTreeMap<Ipv4Net, u32>
             ep_id,
             namespace: record.pod_namespace.clone(),
             labels: pod
+                .as_ref()
                 .and_then(|p| p.meta.as_ref())
                 .map(|m| m.labels.clone())
                 .unwrap_or_default(),
             identity,
-            ports: pod.map(ports_of).unwrap_or_default(),
+            ports: pod.as_ref().map(ports_of).unwrap_or_default(),
         });
     }
     drop(mirror);

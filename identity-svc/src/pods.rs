@@ -167,19 +167,19 @@ pub fn reconcile(t: &mut Table, mirror: &Mirror, dirty: &Dirty, now: Instant, c:
 /// The security labels a pod in the mirror should hold an identity for;
 /// `None` when it should hold none (gone, host network, finished).
 fn desired(mirror: &Mirror, namespace: &str, name: &str) -> Option<Labels> {
-    let pod = match &mirror.get(&ObjKey::new(Kind::Pod, namespace, name))?.kind {
+    let pod = match mirror.get(&ObjKey::new(Kind::Pod, namespace, name))?.kind {
         Some(resource::Kind::Pod(p)) => p,
         _ => return None,
     };
-    if !holds_identity(pod) {
+    if !holds_identity(&pod) {
         return None;
     }
     let no_labels = BTreeMap::new();
     let pod_labels = pod.meta.as_ref().map_or(&no_labels, |m| &m.labels);
-    let ns_labels = match mirror
+    let namespace_object = mirror
         .get(&ObjKey::new(Kind::Namespace, "", namespace))
-        .and_then(|r| r.kind.as_ref())
-    {
+        .and_then(|r| r.kind);
+    let ns_labels = match &namespace_object {
         Some(resource::Kind::Namespace(ns)) => ns.meta.as_ref().map_or(&no_labels, |m| &m.labels),
         _ => &no_labels,
     };

@@ -4,6 +4,7 @@ use clap::Parser as _;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    weft_common::memory::tune_allocator();
     let args = svc_watcher::Args::parse();
     match svc_watcher::run(args).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,8 +5,9 @@ use std::{pin::Pin, sync::Arc};
 use futures::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use weft_common::watch::Packed;
 use weft_proto::watcher::v1::{
-    ListRequest, ListResponse, Resource, SubscribeRequest, WatchEvent,
+    ListRequest, ListResponse, SubscribeRequest, WatchEvent,
     watcher_server::{Watcher, WatcherServer},
 };
 
@@ -109,11 +110,7 @@ impl Watcher for WatcherService {
         Ok(Response::new(ListResponse {
             epoch: self.store.epoch().to_string(),
             revision: snapshot.revision,
-            resources: snapshot
-                .objects
-                .iter()
-                .map(|o| Resource::clone(o))
-                .collect(),
+            resources: snapshot.objects.iter().map(Packed::unpack).collect(),
         }))
     }
 }

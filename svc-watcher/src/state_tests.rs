@@ -1,6 +1,6 @@
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use proptest::prelude::*;
 use weft_common::watch::{Mirror, ResumePoint};
@@ -332,7 +332,10 @@ fn wanted(store: &StateStore, kinds: KindSet) -> BTreeMap<ObjKey, Resource> {
         .snapshot(kinds)
         .objects
         .into_iter()
-        .map(|o| (ObjKey::of(&o).unwrap(), Resource::clone(&o)))
+        .map(|o| {
+            let o = o.unpack();
+            (ObjKey::of(&o).unwrap(), o)
+        })
         .collect()
 }
 

@@ -12,17 +12,17 @@
 use std::{collections::VecDeque, sync::Arc};
 
 use tokio::sync::watch;
-use weft_common::watch::ObjKey;
-use weft_proto::watcher::v1::{Reset, Resource, Synced, WatchEvent, watch_event::Event};
+use weft_common::watch::{ObjKey, Packed};
+use weft_proto::watcher::v1::{Reset, Synced, WatchEvent, watch_event::Event};
 
 use crate::state::{Delta, KindSet, StateStore};
 
-/// An event decided on but not yet encoded; objects stay shared with the
-/// store until they are sent, so a queued snapshot costs pointers only.
+/// An event decided on but not yet sent; objects stay shared with the store
+/// (and packed) until they are, so a queued snapshot costs pointers only.
 #[derive(Debug)]
 enum Pending {
     Reset(u64),
-    Upsert(u64, Arc<Resource>),
+    Upsert(u64, Packed),
     Delete(u64, ObjKey),
     Synced(u64),
 }
@@ -166,7 +166,7 @@ impl Subscription {
     fn encode(&self, pending: Pending) -> WatchEvent {
         let (revision, event) = match pending {
             Pending::Reset(r) => (r, Event::Reset(Reset {})),
-            Pending::Upsert(r, o) => (r, Event::Upsert(Resource::clone(&o))),
+            Pending::Upsert(r, o) => (r, Event::Upsert(o.unpack())),
             Pending::Delete(r, k) => (r, Event::Delete(k.to_proto())),
             Pending::Synced(r) => (r, Event::Synced(Synced {})),
         };

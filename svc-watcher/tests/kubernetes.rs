@@ -141,7 +141,7 @@ fn meta_rv(r: &Resource) -> String {
 
 fn mirror_state(m: &Mirror) -> BTreeSet<(String, String)> {
     m.objects()
-        .map(|(k, r)| (k.to_string(), meta_rv(r)))
+        .map(|(k, r)| (k.to_string(), meta_rv(&r)))
         .collect()
 }
 

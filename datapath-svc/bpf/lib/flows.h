@@ -6,7 +6,11 @@
 
 #include "common.h"
 
-#define FLOWS_RING_SIZE (1 << 20)
+/* 4,096 events of 64 bytes: at 100 ms between drains (and an early wake at
+ * a quarter full) that holds bursts of tens of thousands of connections a
+ * second, while the ring, mapped twice into datapath-svc, stays 0.5 MiB of
+ * its resident memory. */
+#define FLOWS_RING_SIZE (1 << 18)
 
 /* flow_event.verdict */
 #define FLOW_FORWARDED 1

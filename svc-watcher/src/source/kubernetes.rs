@@ -35,7 +35,7 @@ use tokio::{
     task::JoinSet,
 };
 use tokio_util::sync::CancellationToken;
-use weft_common::watch::ObjKey;
+use weft_common::watch::{ObjKey, Packed};
 use weft_proto::watcher::v1::{Kind, Resource};
 
 use super::{Source, SourceError};
@@ -207,7 +207,9 @@ where
     let mut events = watcher(f.api.clone(), watcher::Config::default())
         .default_backoff()
         .boxed();
-    let mut buffer: Vec<Resource> = Vec::new();
+    // Packed as they arrive: a list of 100,000 endpoints is held whole
+    // until it is complete.
+    let mut buffer: Vec<(ObjKey, Packed)> = Vec::new();
     let mut lists = 0u64;
     // Converts, or on refusal keeps what the store holds for that key.
     let accept = |object: &K| -> Option<Resource> {
@@ -217,7 +219,7 @@ where
                 let key = key_of(object, f.kind, f.namespaced);
                 tracing::warn!(kind = name, object = %key, error = %e, "invalid object refused; keeping the version stored before, if any");
                 ctx.metrics.invalid(name, e.reason.as_str());
-                ctx.store.get(&key).map(|r| Resource::clone(&r))
+                ctx.store.get(&key)
             }
         }
     };
@@ -238,11 +240,17 @@ where
                     tracing::info!(kind = name, "listing again");
                 }
             }
-            Ok(watcher::Event::InitApply(object)) => buffer.extend(accept(&object)),
+            Ok(watcher::Event::InitApply(object)) => {
+                if let Some(r) = accept(&object)
+                    && let Some(key) = ObjKey::of(&r)
+                {
+                    buffer.push((key, Packed::new(&r)));
+                }
+            }
             Ok(watcher::Event::InitDone) => {
                 let objects = std::mem::take(&mut buffer);
                 let count = objects.len();
-                let changes = ctx.store.replace_kind_set(KindSet::of([f.kind]), objects)?;
+                let changes = ctx.store.replace_packed(KindSet::of([f.kind]), objects)?;
                 lists += 1;
                 tracing::info!(kind = name, objects = count, changes, "listed");
                 if lists == 1 {

@@ -28,14 +28,16 @@ use notify::{
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use weft_common::watch::ObjKey;
-use weft_proto::watcher::v1::Resource;
+use weft_common::watch::{ObjKey, Packed};
 
 use super::{
     Source, SourceError,
     documents::{self, Format},
 };
-use crate::{metrics::Metrics, state::StateStore};
+use crate::{
+    metrics::Metrics,
+    state::{KindSet, StateStore},
+};
 
 /// How long to wait after a change notice for the burst to settle.
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(50);
@@ -69,7 +71,8 @@ struct FileEntry {
     /// Hash of the contents last read, parsable or not: unchanged contents
     /// are not parsed (or complained about) again.
     digest: u64,
-    objects: BTreeMap<ObjKey, Resource>,
+    /// Shared with the state store, not copied.
+    objects: BTreeMap<ObjKey, Packed>,
 }
 
 /// The directory as last read, file by file.
@@ -149,7 +152,7 @@ impl ManifestDir {
         bytes: &[u8],
         format: Format,
         previous: Option<&FileEntry>,
-    ) -> BTreeMap<ObjKey, Resource> {
+    ) -> BTreeMap<ObjKey, Packed> {
         let previous_objects = || previous.map(|p| p.objects.clone()).unwrap_or_default();
         let parsed = match documents::parse(bytes, format) {
             Ok(p) => p,
@@ -164,7 +167,7 @@ impl ManifestDir {
             let Some(key) = ObjKey::of(&object) else {
                 continue;
             };
-            if objects.insert(key.clone(), object).is_some() {
+            if objects.insert(key.clone(), Packed::new(&object)).is_some() {
                 tracing::warn!(file = %path.display(), object = %key, "object defined twice in one file; the later one wins");
             }
         }
@@ -197,8 +200,8 @@ impl ManifestDir {
 
     /// The objects of all files; where two files define the same object the
     /// one later in path order wins.
-    pub fn objects(&self) -> Vec<Resource> {
-        let mut merged: BTreeMap<&ObjKey, (&Path, &Resource)> = BTreeMap::new();
+    pub fn objects(&self) -> Vec<(ObjKey, Packed)> {
+        let mut merged: BTreeMap<&ObjKey, (&Path, &Packed)> = BTreeMap::new();
         for (path, entry) in &self.files {
             for (key, object) in &entry.objects {
                 match merged.entry(key) {
@@ -217,7 +220,10 @@ impl ManifestDir {
                 }
             }
         }
-        merged.into_values().map(|(_, o)| o.clone()).collect()
+        merged
+            .into_iter()
+            .map(|(k, (_, o))| (k.clone(), o.clone()))
+            .collect()
     }
 }
 
@@ -305,7 +311,7 @@ async fn rescan(dir: ManifestDir, store: &StateStore) -> Result<ManifestDir, Sou
     .map_err(|e| SourceError::Task(e.to_string()))?;
     match result {
         Ok(Some(objects)) => {
-            let changes = store.replace_all(objects)?;
+            let changes = store.replace_packed(KindSet::all(), objects)?;
             if changes > 0 {
                 tracing::info!(
                     changes,
@@ -398,7 +404,7 @@ impl Source for ManifestSource {
         })
         .await
         .map_err(|e| SourceError::Task(e.to_string()))??;
-        store.replace_all(dir.objects())?;
+        store.replace_packed(KindSet::all(), dir.objects())?;
         tracing::info!(
             dir = %root.display(),
             objects = store.len(),
@@ -455,18 +461,12 @@ mod tests {
     }
 
     fn keys(dir: &ManifestDir) -> Vec<String> {
-        dir.objects()
-            .iter()
-            .map(|o| ObjKey::of(o).unwrap().to_string())
-            .collect()
+        dir.objects().iter().map(|(k, _)| k.to_string()).collect()
     }
 
     fn label(dir: &ManifestDir, key: &ObjKey) -> Option<String> {
-        let object = dir
-            .objects()
-            .into_iter()
-            .find(|o| ObjKey::of(o).as_ref() == Some(key))?;
-        let meta = match object.kind? {
+        let (_, object) = dir.objects().into_iter().find(|(k, _)| k == key)?;
+        let meta = match object.unpack().kind? {
             resource::Kind::Namespace(n) => n.meta?,
             resource::Kind::Service(s) => s.meta?,
             _ => return None,
