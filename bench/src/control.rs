@@ -570,7 +570,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         "weft: change -> map, manifest-directory source",
         &mut c.latencies,
         &format!(
-            "{} timeouts; includes the 50 ms debounce and the directory re-read",
+            "{} timeouts; includes inotify, the 10 ms debounce and the re-read of the file",
             c.timeouts
         ),
     );

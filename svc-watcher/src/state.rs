@@ -294,6 +294,29 @@ impl StateStore {
         Ok(usize::try_from(changes).unwrap_or(usize::MAX))
     }
 
+    /// Applies a batch of changes, each an object's key and its new
+    /// encoding (`None`: removed), under one lock, so no reader sees half of
+    /// it. Returns the number of changes.
+    pub fn apply_packed(
+        &self,
+        changes: impl IntoIterator<Item = (ObjKey, Option<Packed>)>,
+    ) -> usize {
+        let mut touched = BTreeSet::new();
+        let mut inner = self.write();
+        let before = inner.revision;
+        for (key, object) in changes {
+            match object {
+                Some(object) => self.upsert_locked(&mut inner, key, object, &mut touched),
+                None => self.delete_locked(&mut inner, key, &mut touched),
+            }
+        }
+        let changes = inner.revision - before;
+        if changes > 0 {
+            self.announce(&inner, &touched);
+        }
+        usize::try_from(changes).unwrap_or(usize::MAX)
+    }
+
     /// The current objects of `kinds`, at the current revision.
     pub fn snapshot(&self, kinds: KindSet) -> Snapshot {
         let inner = self.read();

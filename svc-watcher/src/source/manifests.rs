@@ -2,10 +2,10 @@
 //! manifests, re-read whenever it changes.
 //!
 //! inotify (through `notify`) reports changes; a short debounce turns a
-//! burst of writes into one re-read, and a periodic full re-read catches
-//! anything inotify missed (an overflowed queue, a directory replaced
-//! wholesale). Each re-read hands the complete set of objects to the store,
-//! which emits only what changed.
+//! burst of writes into one re-read of the files inotify named, and a
+//! periodic full re-read catches anything inotify missed (an overflowed
+//! queue, a directory replaced wholesale). Only objects whose winning
+//! version changed reach the store.
 //!
 //! Bad input never costs stored state: a file that does not parse keeps
 //! contributing what it contributed before; an object that does not
@@ -13,18 +13,18 @@
 //! directory that cannot be read leaves everything as it was.
 
 use std::{
-    collections::{BTreeMap, btree_map::Entry},
+    collections::{BTreeMap, BTreeSet, btree_map::Entry},
     hash::{DefaultHasher, Hash as _, Hasher as _},
     io,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use notify::{
     EventKind, RecommendedWatcher, RecursiveMode, Watcher as _,
-    event::{AccessKind, AccessMode},
+    event::{AccessKind, AccessMode, ModifyKind},
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -39,8 +39,10 @@ use crate::{
     state::{KindSet, StateStore},
 };
 
-/// How long to wait after a change notice for the burst to settle.
-pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(50);
+/// How long to wait after a change notice for the burst to settle. Files
+/// are read once their writer closed them, so this only gathers a burst of
+/// files into one store update.
+pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(10);
 /// How often the whole directory is re-read regardless of notices.
 pub const DEFAULT_RESCAN: Duration = Duration::from_secs(2);
 /// Guards against symlink loops.
@@ -198,6 +200,71 @@ impl ManifestDir {
         objects
     }
 
+    /// Re-reads only the files in `paths` (all manifest files, as
+    /// [`Changed::classify`] sorted them); returns each object whose winning
+    /// version changed, with that version (`None`: no file defines it now).
+    pub fn reread(&mut self, paths: &BTreeSet<PathBuf>) -> Vec<(ObjKey, Option<Packed>)> {
+        let mut updates: Vec<(PathBuf, Option<FileEntry>)> = Vec::new();
+        for path in paths {
+            let Some(format) = path
+                .file_name()
+                .and_then(|n| manifest_format(&n.to_string_lossy()))
+            else {
+                continue;
+            };
+            let previous = self.files.get(path);
+            match std::fs::read(path) {
+                Ok(bytes) => {
+                    let digest = digest(&bytes);
+                    if previous.is_some_and(|p| p.digest == digest) {
+                        continue;
+                    }
+                    let objects = self.read_file(path, &bytes, format, previous);
+                    updates.push((path.clone(), Some(FileEntry { digest, objects })));
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    if previous.is_some() {
+                        updates.push((path.clone(), None));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot read manifest file; keeping what it gave before");
+                }
+            }
+        }
+        let affected: BTreeSet<ObjKey> = updates
+            .iter()
+            .flat_map(|(path, new)| {
+                let old = self.files.get(path).into_iter();
+                old.chain(new).flat_map(|e| e.objects.keys().cloned())
+            })
+            .collect();
+        let before: Vec<Option<Packed>> = affected.iter().map(|k| self.winner(k)).collect();
+        for (path, new) in updates {
+            match new {
+                Some(entry) => self.files.insert(path, entry),
+                None => self.files.remove(&path),
+            };
+        }
+        affected
+            .into_iter()
+            .zip(before)
+            .filter_map(|(key, before)| {
+                let after = self.winner(&key);
+                (after != before).then_some((key, after))
+            })
+            .collect()
+    }
+
+    /// The version of `key` that wins: the one in the last file, in path
+    /// order, that defines it.
+    fn winner(&self, key: &ObjKey) -> Option<Packed> {
+        self.files
+            .values()
+            .rev()
+            .find_map(|entry| entry.objects.get(key).cloned())
+    }
+
     /// The objects of all files; where two files define the same object the
     /// one later in path order wins.
     pub fn objects(&self) -> Vec<(ObjKey, Packed)> {
@@ -275,6 +342,44 @@ fn walk(dir: &Path, depth: usize, out: &mut Vec<(PathBuf, Format)>) -> io::Resul
     Ok(())
 }
 
+/// What inotify reported since the last re-read.
+#[derive(Debug, Default)]
+struct Changed {
+    /// Manifest files written, created, renamed or removed.
+    files: BTreeSet<PathBuf>,
+    /// Something only a full re-read can follow: a directory created,
+    /// removed or renamed, a hidden entry (Kubernetes swaps a mounted
+    /// ConfigMap's `..data` symlink), or an inotify error.
+    everything: bool,
+}
+
+impl Changed {
+    /// Sorts one path inotify named.
+    fn classify(&mut self, root: &Path, path: &Path) {
+        let Ok(relative) = path.strip_prefix(root) else {
+            self.everything = true;
+            return;
+        };
+        let name = relative
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        // An atomic writer's temporary: the rename into place is reported
+        // under the real name.
+        if name.ends_with('~') || name.ends_with(".tmp") || name.ends_with(".swp") {
+            return;
+        }
+        let hidden = relative
+            .components()
+            .any(|c| c.as_os_str().to_string_lossy().starts_with('.'));
+        if !hidden && manifest_format(&name).is_some() && !path.is_dir() {
+            self.files.insert(path.to_path_buf());
+        } else {
+            self.everything = true;
+        }
+    }
+}
+
 /// The manifest directory as a [`Source`].
 #[derive(Debug)]
 pub struct ManifestSource {
@@ -329,6 +434,32 @@ async fn rescan(dir: ManifestDir, store: &StateStore) -> Result<ManifestDir, Sou
     Ok(dir)
 }
 
+/// Re-reads the files in `paths` off the async threads and hands what
+/// changed to the store.
+async fn reread(
+    dir: ManifestDir,
+    paths: BTreeSet<PathBuf>,
+    store: &StateStore,
+) -> Result<ManifestDir, SourceError> {
+    let (dir, changes) = tokio::task::spawn_blocking(move || {
+        let mut dir = dir;
+        let changes = dir.reread(&paths);
+        (dir, changes)
+    })
+    .await
+    .map_err(|e| SourceError::Task(e.to_string()))?;
+    if !changes.is_empty() {
+        let changes = store.apply_packed(changes);
+        tracing::info!(
+            changes,
+            revision = store.revision(),
+            objects = store.len(),
+            "manifests changed"
+        );
+    }
+    Ok(dir)
+}
+
 /// A live inotify watch and the identity of the directory it watches, so a
 /// directory replaced wholesale is noticed and watched anew.
 struct Watch {
@@ -340,24 +471,42 @@ fn dir_id(root: &Path) -> Option<(u64, u64)> {
     std::fs::metadata(root).ok().map(|m| (m.dev(), m.ino()))
 }
 
-fn start_watch(root: &Path, notices: &mpsc::Sender<()>) -> Option<Watch> {
+fn start_watch(
+    root: &Path,
+    changed: &Arc<Mutex<Changed>>,
+    notices: &mpsc::Sender<()>,
+) -> Option<Watch> {
     let id = dir_id(root)?;
     let tx = notices.clone();
+    let changed = changed.clone();
+    let watched = root.to_path_buf();
     let handler = move |event: notify::Result<notify::Event>| match event {
         Ok(event) => {
             // Opening and reading files (our own rescans included) is no
-            // change; a write being closed is.
+            // change; a write being closed is. Writes themselves are waited
+            // out: reading a file half written could drop the objects of
+            // its missing half for a moment.
             let relevant = match event.kind {
                 EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
-                EventKind::Access(_) => false,
+                EventKind::Access(_) | EventKind::Modify(ModifyKind::Data(_)) => false,
                 _ => true,
             };
             if relevant {
+                {
+                    let mut changed = changed.lock().unwrap_or_else(|p| p.into_inner());
+                    if event.paths.is_empty() || event.need_rescan() {
+                        changed.everything = true;
+                    }
+                    for path in &event.paths {
+                        changed.classify(&watched, path);
+                    }
+                }
                 let _ = tx.try_send(());
             }
         }
         Err(e) => {
             tracing::warn!(error = %e, "inotify error; re-reading the manifest directory");
+            changed.lock().unwrap_or_else(|p| p.into_inner()).everything = true;
             let _ = tx.try_send(());
         }
     };
@@ -395,8 +544,9 @@ impl Source for ManifestSource {
         } = self;
         let root = dir.root().to_path_buf();
         let (notices_tx, mut notices) = mpsc::channel::<()>(1);
+        let changed = Arc::new(Mutex::new(Changed::default()));
         // Watch before the first read, so nothing written during it is missed.
-        let mut watch = start_watch(&root, &notices_tx);
+        let mut watch = start_watch(&root, &changed, &notices_tx);
 
         let mut dir = tokio::task::spawn_blocking(move || {
             let mut dir = dir;
@@ -425,13 +575,19 @@ impl Source for ManifestSource {
                         _ = tokio::time::sleep(debounce) => {}
                     }
                     while notices.try_recv().is_ok() {}
+                    let Changed { files, everything } =
+                        std::mem::take(&mut *changed.lock().unwrap_or_else(|p| p.into_inner()));
+                    if !everything {
+                        dir = reread(dir, files, &store).await?;
+                        continue;
+                    }
                 }
                 _ = tick.tick() => {}
             }
             dir = rescan(dir, &store).await?;
             let current = dir_id(&root);
             if current.is_some() && watch.as_ref().map(|w| w.dir_id) != current {
-                watch = start_watch(&root, &notices_tx);
+                watch = start_watch(&root, &changed, &notices_tx);
             }
         }
     }
@@ -556,5 +712,85 @@ mod tests {
         fs::remove_file(&file).unwrap();
         dir.rescan().unwrap();
         assert!(keys(&dir).is_empty());
+    }
+
+    #[test]
+    fn rereading_named_files_reports_only_winners_that_changed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a.yaml"), tmp.path().join("b.yaml"));
+        let x = ObjKey::new(Kind::Namespace, "", "x");
+        let y = ObjKey::new(Kind::Namespace, "", "y");
+        fs::write(
+            &a,
+            format!("{}---\n{}", ns_yaml("x", "a"), ns_yaml("y", "a")),
+        )
+        .unwrap();
+        fs::write(&b, ns_yaml("x", "b")).unwrap();
+        let mut dir = ManifestDir::new(tmp.path(), Metrics::new());
+        dir.rescan().unwrap();
+        let paths = |p: &[&Path]| p.iter().map(|p| p.to_path_buf()).collect::<BTreeSet<_>>();
+        let changed_keys = |c: &[(ObjKey, Option<Packed>)]| {
+            c.iter()
+                .map(|(k, o)| (k.clone(), o.is_some()))
+                .collect::<Vec<_>>()
+        };
+
+        // x is shadowed by b.yaml: changing it in a.yaml changes nothing.
+        fs::write(
+            &a,
+            format!("{}---\n{}", ns_yaml("x", "a2"), ns_yaml("y", "a")),
+        )
+        .unwrap();
+        assert!(dir.reread(&paths(&[&a])).is_empty());
+        // Unchanged contents, or a file never read: nothing.
+        assert!(
+            dir.reread(&paths(&[&a, &tmp.path().join("c.yaml")]))
+                .is_empty()
+        );
+        // b.yaml removed: x falls back to a.yaml's version.
+        fs::remove_file(&b).unwrap();
+        let c = dir.reread(&paths(&[&b]));
+        assert_eq!(changed_keys(&c), vec![(x.clone(), true)]);
+        assert_eq!(label(&dir, &x).as_deref(), Some("a2"));
+        // y dropped from a.yaml: deleted.
+        fs::write(&a, ns_yaml("x", "a2")).unwrap();
+        assert_eq!(
+            changed_keys(&dir.reread(&paths(&[&a]))),
+            vec![(y.clone(), false)]
+        );
+        // The incremental result agrees with a full re-read.
+        let incremental = dir.objects();
+        let mut full = ManifestDir::new(tmp.path(), Metrics::new());
+        full.rescan().unwrap();
+        assert_eq!(incremental, full.objects());
+    }
+
+    #[test]
+    fn only_manifest_files_are_reread_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        fs::create_dir(root.join("sub")).unwrap();
+        let mut c = Changed::default();
+        c.classify(root, &root.join("svc.yaml"));
+        c.classify(root, &root.join("sub/pod.json"));
+        c.classify(root, &root.join("svc.yaml.tmp"));
+        c.classify(root, &root.join(".svc.yaml.swp"));
+        assert_eq!(
+            c.files,
+            BTreeSet::from([root.join("svc.yaml"), root.join("sub/pod.json")])
+        );
+        assert!(!c.everything);
+        for path in [
+            root.join("sub"),
+            root.join("..data"),
+            root.join("..data/svc.yaml"),
+            root.join("notes.txt"),
+            root.to_path_buf(),
+            PathBuf::from("/elsewhere/svc.yaml"),
+        ] {
+            let mut c = Changed::default();
+            c.classify(root, &path);
+            assert!(c.everything, "{}", path.display());
+        }
     }
 }
