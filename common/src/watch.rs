@@ -115,12 +115,6 @@ impl std::fmt::Debug for Packed {
     }
 }
 
-impl From<&Resource> for Packed {
-    fn from(resource: &Resource) -> Self {
-        Self::new(resource)
-    }
-}
-
 /// What applying one event changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Applied {
@@ -171,11 +165,6 @@ impl Mirror {
     /// Every object, still encoded, in key order.
     pub fn packed(&self) -> impl Iterator<Item = &Packed> {
         self.objects.values()
-    }
-
-    /// The object under `key`, still encoded.
-    pub fn get_packed(&self, key: &ObjKey) -> Option<&Packed> {
-        self.objects.get(key)
     }
 
     pub fn objects(&self) -> impl Iterator<Item = (&ObjKey, Resource)> {

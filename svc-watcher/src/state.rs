@@ -269,29 +269,18 @@ impl StateStore {
             }
             wanted.insert(key, object);
         }
-        let mut touched = BTreeSet::new();
-        let changes = {
-            let mut inner = self.write();
-            let before = inner.revision;
-            let gone: Vec<ObjKey> = inner
-                .objects
-                .keys()
-                .filter(|k| kinds.contains(k.kind) && !wanted.contains_key(*k))
-                .cloned()
-                .collect();
-            for (key, object) in wanted {
-                self.upsert_locked(&mut inner, key, object, &mut touched);
-            }
-            for key in gone {
-                self.delete_locked(&mut inner, key, &mut touched);
-            }
-            let changes = inner.revision - before;
-            if changes > 0 {
-                self.announce(&inner, &touched);
-            }
-            changes
-        };
-        Ok(usize::try_from(changes).unwrap_or(usize::MAX))
+        let mut inner = self.write();
+        let gone: Vec<ObjKey> = inner
+            .objects
+            .keys()
+            .filter(|k| kinds.contains(k.kind) && !wanted.contains_key(*k))
+            .cloned()
+            .collect();
+        let changes = wanted
+            .into_iter()
+            .map(|(key, object)| (key, Some(object)))
+            .chain(gone.into_iter().map(|key| (key, None)));
+        Ok(self.apply_locked(&mut inner, changes))
     }
 
     /// Applies a batch of changes, each an object's key and its new
@@ -301,18 +290,27 @@ impl StateStore {
         &self,
         changes: impl IntoIterator<Item = (ObjKey, Option<Packed>)>,
     ) -> usize {
+        self.apply_locked(&mut self.write(), changes)
+    }
+
+    /// Applies `changes` in order (`None`: remove) and announces the newest
+    /// revision once; returns the number of changes.
+    fn apply_locked(
+        &self,
+        inner: &mut Inner,
+        changes: impl IntoIterator<Item = (ObjKey, Option<Packed>)>,
+    ) -> usize {
         let mut touched = BTreeSet::new();
-        let mut inner = self.write();
         let before = inner.revision;
         for (key, object) in changes {
             match object {
-                Some(object) => self.upsert_locked(&mut inner, key, object, &mut touched),
-                None => self.delete_locked(&mut inner, key, &mut touched),
+                Some(object) => self.upsert_locked(inner, key, object, &mut touched),
+                None => self.delete_locked(inner, key, &mut touched),
             }
         }
         let changes = inner.revision - before;
         if changes > 0 {
-            self.announce(&inner, &touched);
+            self.announce(inner, &touched);
         }
         usize::try_from(changes).unwrap_or(usize::MAX)
     }

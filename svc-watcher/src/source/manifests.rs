@@ -77,6 +77,15 @@ struct FileEntry {
     objects: BTreeMap<ObjKey, Packed>,
 }
 
+/// What reading a file again found.
+enum FileRead {
+    /// The same contents, or none readable: what it gave before stands.
+    Unchanged,
+    /// No such file.
+    Gone,
+    New(FileEntry),
+}
+
 /// The directory as last read, file by file.
 #[derive(Debug)]
 pub struct ManifestDir {
@@ -113,30 +122,17 @@ impl ManifestDir {
         let mut changed = false;
         for (path, format) in paths {
             let previous = last.remove(&path);
-            let bytes = match std::fs::read(&path) {
-                Ok(b) => b,
-                // Removed between listing and reading: it is gone.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    changed |= previous.is_some();
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!(file = %path.display(), error = %e, "cannot read manifest file; keeping what it gave before");
-                    if let Some(prev) = previous {
-                        next.insert(path, prev);
+            match self.read_entry(&path, format, previous.as_ref()) {
+                FileRead::Unchanged => {
+                    if let Some(previous) = previous {
+                        next.insert(path, previous);
                     }
-                    continue;
                 }
-            };
-            let digest = digest(&bytes);
-            match previous {
-                Some(prev) if prev.digest == digest => {
-                    next.insert(path, prev);
-                }
-                previous => {
+                // Removed between listing and reading: it is gone.
+                FileRead::Gone => changed |= previous.is_some(),
+                FileRead::New(entry) => {
                     changed = true;
-                    let objects = self.read_file(&path, &bytes, format, previous.as_ref());
-                    next.insert(path, FileEntry { digest, objects });
+                    next.insert(path, entry);
                 }
             }
         }
@@ -144,6 +140,24 @@ impl ManifestDir {
         changed |= !last.is_empty();
         self.files = next;
         Ok(changed)
+    }
+
+    /// Reads one file against what it held before.
+    fn read_entry(&self, path: &Path, format: Format, previous: Option<&FileEntry>) -> FileRead {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return FileRead::Gone,
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot read manifest file; keeping what it gave before");
+                return FileRead::Unchanged;
+            }
+        };
+        let digest = digest(&bytes);
+        if previous.is_some_and(|p| p.digest == digest) {
+            return FileRead::Unchanged;
+        }
+        let objects = self.read_file(path, &bytes, format, previous);
+        FileRead::New(FileEntry { digest, objects })
     }
 
     /// The objects of one file's new contents, falling back to what the
@@ -213,23 +227,14 @@ impl ManifestDir {
                 continue;
             };
             let previous = self.files.get(path);
-            match std::fs::read(path) {
-                Ok(bytes) => {
-                    let digest = digest(&bytes);
-                    if previous.is_some_and(|p| p.digest == digest) {
-                        continue;
-                    }
-                    let objects = self.read_file(path, &bytes, format, previous);
-                    updates.push((path.clone(), Some(FileEntry { digest, objects })));
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            match self.read_entry(path, format, previous) {
+                FileRead::Unchanged => {}
+                FileRead::Gone => {
                     if previous.is_some() {
                         updates.push((path.clone(), None));
                     }
                 }
-                Err(e) => {
-                    tracing::warn!(file = %path.display(), error = %e, "cannot read manifest file; keeping what it gave before");
-                }
+                FileRead::New(entry) => updates.push((path.clone(), Some(entry))),
             }
         }
         let affected: BTreeSet<ObjKey> = updates
