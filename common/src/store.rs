@@ -3,7 +3,11 @@
 //! Values are protobuf messages, so the on-disk format is the same schema the
 //! services already speak, and evolves the same compatible way.
 
-use std::{marker::PhantomData, path::Path};
+use std::{
+    marker::PhantomData,
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use prost::Message;
 
@@ -50,18 +54,41 @@ pub struct Store {
 /// only at start, so a small cache costs nothing on the hot paths.
 const CACHE_BYTES: u64 = 2 * 1024 * 1024;
 
+/// How long opening waits for the database's file lock to be let go.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// Whether sled could not take the database's file lock.
+fn is_lock_busy(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
+}
+
 impl Store {
     /// Opens (or creates) the database in `dir`.
+    ///
+    /// sled lets go of its file lock from a background thread some moments
+    /// after the last handle is dropped, so a database closed and opened
+    /// again in one process can find it still taken: opening waits up to
+    /// [`LOCK_WAIT`] for it. Another process holding it is still an error,
+    /// only that much later.
     pub fn open(dir: &Path) -> Result<Self> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
-            .cache_capacity(CACHE_BYTES)
-            .open()
-            .map_err(|source| StoreError::Open {
-                path: dir.display().to_string(),
-                source,
-            })?;
+            .cache_capacity(CACHE_BYTES);
+        let started = Instant::now();
+        let db = loop {
+            match config.open() {
+                Err(e) if is_lock_busy(&e) && started.elapsed() < LOCK_WAIT => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                result => {
+                    break result.map_err(|source| StoreError::Open {
+                        path: dir.display().to_string(),
+                        source,
+                    })?;
+                }
+            }
+        };
         Ok(Self { db })
     }
 
@@ -170,6 +197,25 @@ impl<M: Message + Default> MsgTree<M> {
 mod tests {
     use super::*;
     use weft_proto::ipam::v1::NodeAllocation;
+
+    #[test]
+    fn a_database_open_elsewhere_is_an_error_after_the_wait() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let held = Store::open(dir.path()).expect("open");
+        let started = Instant::now();
+        let err = Store::open(dir.path()).err().expect("the lock is held");
+        assert!(
+            started.elapsed() >= LOCK_WAIT,
+            "waited {:?}",
+            started.elapsed()
+        );
+        match err {
+            StoreError::Open { source, .. } => assert!(is_lock_busy(&source), "{source}"),
+            other => panic!("unexpected error: {other}"),
+        }
+        drop(held);
+        Store::open(dir.path()).expect("open once let go");
+    }
 
     #[tokio::test]
     async fn values_survive_reopening() {
