@@ -13,6 +13,11 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 packages=(clang llvm libbpf-dev protobuf-compiler iproute2 util-linux gcc "$@")
+# The real cluster (deploy/kube): etcd, containerd and runc for the nodes,
+# the loopback CNI plugin containerd calls, podman to build images offline,
+# and the Debian tools the test images carry (static busybox, curl, dig, nc).
+packages+=(etcd-server etcd-client containerd runc containernetworking-plugins podman
+  busybox-static curl bind9-dnsutils netcat-openbsd libc6-dev)
 python3 -m pip --version >/dev/null 2>&1 || packages+=(python3-pip)
 missing=()
 for p in "${packages[@]}"; do
@@ -74,6 +79,11 @@ here=$(dirname "$(readlink -f "$0")")
 PYTHONPATH="$here/../kubernetes-validate" exec python3 -m kubernetes_validate "$@"
 SH
   chmod 0755 .tools/bin/kubernetes-validate
+fi
+
+if ! command -v go >/dev/null 2>&1; then
+  echo "go is not on PATH: upstream Kubernetes is built from its Go modules (Go 1.25 or newer)" >&2
+  exit 1
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

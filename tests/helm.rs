@@ -599,15 +599,23 @@ fn rendered_cni_config_is_one_the_plugin_accepts() {
             .as_str()
             .expect("cni-config")
             .to_string();
-        let conf: serde_json::Value = serde_json::from_str(&text).expect("JSON");
-        for (k, v) in [
-            ("cniVersion", "1.1.0"),
-            ("name", "weft"),
-            ("type", "weft-cni"),
-            ("socketPath", "/run/weft/cni.sock"),
-        ] {
-            assert_eq!(conf[k].as_str(), Some(v), "{what}: {k}");
-        }
+        let list: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+        // A config list at a version libcni 1.1 (containerd 1.6/1.7,
+        // podman 4) accepts, with weft-cni its only plugin.
+        assert_eq!(list["cniVersion"], "1.0.0", "{what}");
+        assert_eq!(list["name"], "weft", "{what}");
+        let plugins = list["plugins"].as_array().expect("plugins");
+        assert_eq!(plugins.len(), 1, "{what}");
+        let plugin = &plugins[0];
+        assert_eq!(plugin["type"], "weft-cni", "{what}");
+        assert_eq!(plugin["socketPath"], "/run/weft/cni.sock", "{what}");
+        // Without the capability runtimes never pass hostPorts.
+        assert_eq!(plugin["capabilities"]["portMappings"], true, "{what}");
+        // What the runtime hands the plugin: its entry, with the list's
+        // name and version.
+        let mut conf = plugin.clone();
+        conf["name"] = list["name"].clone();
+        conf["cniVersion"] = list["cniVersion"].clone();
         // STATUS parses the config, then asks datapath-svc, which is not
         // there: "not available" (50) shows the config itself was accepted
         // (a config error would be 1, 6 or 7).
@@ -618,7 +626,6 @@ fn rendered_cni_config_is_one_the_plugin_accepts() {
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("running weft-cni");
-        let mut conf = conf;
         conf["socketPath"] = serde_json::json!("/nonexistent/weft/cni.sock");
         conf.as_object_mut().expect("object").remove("logFile");
         use std::io::Write as _;

@@ -32,24 +32,17 @@ use crate::{
     client::{channel_in, is_serving},
     cluster::{self, MANAGED_BY, MANAGED_BY_LABEL, name_of, ns_of},
     manifests::{ManifestDir, Objects, Origin},
-    net::{self, ip_in, netns_path},
+    net::{self, netns_path},
     procs::{Proc, ProcSpec},
 };
 
-/// The control plane's address on the lab network.
-pub const CP_ADDR: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 1);
+pub use crate::net::{CP_ADDR, EXTERNAL_IP_RANGE, LOAD_BALANCER_RANGE};
 pub const WATCHER_PORT: u16 = 9400;
 pub const IPAM_PORT: u16 = 9401;
 pub const IDENTITY_PORT: u16 = 9402;
 pub const DATAPATH_PORT: u16 = 9403;
 /// The port pod servers listen on unless a pod declares its own.
 pub const POD_PORT: u16 = 8080;
-/// ExternalIPs the lab network routes to the first node, as an upstream
-/// router would.
-pub const EXTERNAL_IP_RANGE: &str = "192.0.2.0/24";
-/// LoadBalancer ingress IPs the lab network routes to the last node, as a
-/// load balancer announcing them would.
-pub const LOAD_BALANCER_RANGE: &str = "198.51.100.0/24";
 
 #[derive(Debug, Clone)]
 pub struct LabConfig {
@@ -163,7 +156,7 @@ impl Lab {
 
     pub fn node_addr(&self, node: &str) -> Option<Ipv4Addr> {
         let i = self.node_names().iter().position(|n| n == node)?;
-        Some(Ipv4Addr::new(172, 31, 0, 11 + i as u8))
+        Some(net::node_addr(i))
     }
 
     pub fn pod_netns(&self, namespace: &str, name: &str) -> String {
@@ -263,39 +256,16 @@ impl Lab {
     }
 
     fn build_network(&self) -> anyhow::Result<()> {
-        let cp = self.cp_netns();
-        net::netns_add(&cp)?;
-        ip_in(&cp, &["link", "add", "br0", "type", "bridge"])?;
-        ip_in(
-            &cp,
-            &["addr", "add", &format!("{CP_ADDR}/24"), "dev", "br0"],
-        )?;
-        ip_in(&cp, &["link", "set", "br0", "up"])?;
-        for (i, node) in self.node_names().iter().enumerate() {
-            net::netns_add(node)?;
-            let port = format!("n{}", i + 1);
-            ip_in(
-                &cp,
-                &[
-                    "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", node,
-                ],
-            )?;
-            ip_in(&cp, &["link", "set", &port, "master", "br0", "up"])?;
-            let addr = self.node_addr(node).context("node address")?;
-            ip_in(node, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
-            ip_in(node, &["link", "set", "eth0", "up"])?;
-            std::fs::create_dir_all(self.node_dir(node))?;
-        }
-        // The control-plane namespace doubles as the world outside the
-        // cluster: it routes external and load-balancer addresses to nodes.
-        let names = self.node_names();
-        if let (Some(first), Some(last)) = (names.first(), names.last()) {
-            let first = self.node_addr(first).context("node address")?.to_string();
-            let last = self.node_addr(last).context("node address")?.to_string();
-            ip_in(&cp, &["route", "add", EXTERNAL_IP_RANGE, "via", &first])?;
-            ip_in(&cp, &["route", "add", LOAD_BALANCER_RANGE, "via", &last])?;
-        }
-        Ok(())
+        let nodes = self
+            .node_names()
+            .into_iter()
+            .map(|n| {
+                let addr = self.node_addr(&n).context("node address")?;
+                std::fs::create_dir_all(self.node_dir(&n))?;
+                Ok((n, addr))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        net::build_topology(&self.cp_netns(), &nodes)
     }
 
     fn seed_manifests(&self) -> anyhow::Result<()> {

@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod cluster;
+pub mod kube;
 pub mod lab;
 pub mod manifests;
 pub mod net;

@@ -91,6 +91,12 @@ enum Cmd {
         #[arg(long)]
         exit: bool,
     },
+    /// A real Kubernetes cluster (upstream control plane, containerd and
+    /// kubelets built here) with weft installed by its chart.
+    Kube {
+        #[command(subcommand)]
+        command: KubeCmd,
+    },
     /// Run the lab pod server (inside a pod's namespace).
     PodServer {
         #[arg(long)]
@@ -98,6 +104,130 @@ enum Cmd {
         #[arg(long = "port", default_value = "8080")]
         ports: Vec<u16>,
     },
+}
+
+#[derive(clap::Args, Clone)]
+struct KubeArgs {
+    /// The cluster's name, prefix of its namespaces and nodes.
+    #[arg(long, env = "WEFT_KUBE_NAME", default_value = "kube")]
+    name: String,
+}
+
+#[derive(Subcommand)]
+enum KubeCmd {
+    /// Build what is missing (upstream Kubernetes into its cache, the
+    /// images), bring the cluster up, install weft with its chart and
+    /// CoreDNS, and return with the cluster running.
+    Up {
+        #[command(flatten)]
+        kube: KubeArgs,
+        /// How many nodes.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=8))]
+        nodes: u8,
+        /// Where the weft binaries are; defaults to this binary's directory.
+        #[arg(long, env = "WEFT_BIN_DIR")]
+        bin_dir: Option<PathBuf>,
+        /// How pods reach other nodes: `native` routes or a VXLAN `tunnel`.
+        #[arg(long, default_value = "native", value_parser = ["native", "tunnel"])]
+        routing_mode: String,
+        /// More chart values (`--set key=value`), as for `helm install`.
+        #[arg(long = "set")]
+        set: Vec<String>,
+        /// Bring up Kubernetes only: no weft, no DNS.
+        #[arg(long)]
+        no_weft: bool,
+    },
+    /// Stop the cluster and remove it (its logs stay).
+    Down {
+        #[command(flatten)]
+        kube: KubeArgs,
+    },
+    /// Run kubectl against the cluster, from its control-plane namespace.
+    Kubectl {
+        #[command(flatten)]
+        kube: KubeArgs,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+async fn kube(command: KubeCmd) -> anyhow::Result<()> {
+    use weft_lab::kube::{Cluster, KubeConfig, artifacts};
+    let repo = artifacts::repo_root();
+    match command {
+        KubeCmd::Up {
+            kube,
+            nodes,
+            bin_dir,
+            routing_mode,
+            set,
+            no_weft,
+        } => {
+            let bin_dir = match bin_dir {
+                Some(d) => d,
+                None => std::env::current_exe()?
+                    .parent()
+                    .context("binary directory")?
+                    .to_path_buf(),
+            };
+            let mut cfg = artifacts::prepare(&kube.name, &repo, &bin_dir)?;
+            cfg.nodes = usize::from(nodes);
+            cfg.routing_mode = routing_mode;
+            cfg.helm_set = set;
+            if no_weft {
+                cfg.chart = None;
+            }
+            let cluster = Cluster::new(cfg);
+            let started = std::time::Instant::now();
+            cluster.up().await?;
+            let me = std::env::current_exe()?;
+            println!(
+                "cluster {} is up in {} s: {} nodes, API server {}",
+                kube.name,
+                started.elapsed().as_secs(),
+                nodes,
+                cluster.api_server()
+            );
+            println!(
+                "  kubectl:  {} kube kubectl -- get pods -A -o wide",
+                me.display()
+            );
+            println!(
+                "  or:       nsenter --net={} {} --kubeconfig {} get nodes",
+                netns_path(&cluster.cp_netns()).display(),
+                cluster.cfg.upstream_bin.join("kubectl").display(),
+                cluster.pki.kubeconfig("admin").display()
+            );
+            println!("  logs:     {}", cluster.log_dir().display());
+            println!("  down:     {} kube down", me.display());
+            Ok(())
+        }
+        KubeCmd::Down { kube } => {
+            let cluster = Cluster::new(KubeConfig::new(&kube.name, PathBuf::new()));
+            cluster.down().await
+        }
+        KubeCmd::Kubectl { kube, args } => {
+            let upstream = PathBuf::from(
+                String::from_utf8(
+                    Command::new(repo.join("deploy/kube/build.sh"))
+                        .arg("kubectl")
+                        .output()?
+                        .stdout,
+                )?
+                .trim(),
+            );
+            let cluster = Cluster::new(KubeConfig::new(&kube.name, upstream));
+            let kubectl = cluster.kubectl();
+            let status = Command::new("nsenter")
+                .arg(format!("--net={}", netns_path(&kubectl.netns).display()))
+                .arg("--")
+                .arg(&kubectl.bin)
+                .args(&args)
+                .env("KUBECONFIG", &kubectl.kubeconfig)
+                .status()?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+    }
 }
 
 #[tokio::main]
@@ -122,6 +252,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Down { name } => Lab::clean(&name),
+        Cmd::Kube { command } => kube(command).await,
         Cmd::Up { lab, apply } => {
             let lab = Lab::up(lab.config()?).await?;
             for file in &apply {

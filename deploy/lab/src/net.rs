@@ -4,11 +4,68 @@
 //! operator would use by hand; weft itself speaks netlink directly.
 
 use std::{
+    net::Ipv4Addr,
     path::PathBuf,
     process::{Command, Stdio},
 };
 
 use anyhow::{Context as _, bail};
+
+/// The control plane's address on the lab network.
+pub const CP_ADDR: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 1);
+/// ExternalIPs the lab network routes to the first node, as an upstream
+/// router would.
+pub const EXTERNAL_IP_RANGE: &str = "192.0.2.0/24";
+/// LoadBalancer ingress IPs the lab network routes to the last node, as a
+/// load balancer announcing them would.
+pub const LOAD_BALANCER_RANGE: &str = "198.51.100.0/24";
+
+/// The address of the `i`th node (from 0) on the lab network.
+pub fn node_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(172, 31, 0, 11 + i as u8)
+}
+
+/// The lab's network: a control-plane namespace `cp` holding a bridge at
+/// [`CP_ADDR`]/24, and each node a namespace whose `eth0` is on that
+/// bridge at its address. The control-plane namespace doubles as the world
+/// outside the cluster: it routes external and load-balancer addresses to
+/// the first and last node, as a router and a load balancer would.
+pub fn build_topology(cp: &str, nodes: &[(String, Ipv4Addr)]) -> anyhow::Result<()> {
+    netns_add(cp)?;
+    ip_in(cp, &["link", "add", "br0", "type", "bridge"])?;
+    ip_in(cp, &["addr", "add", &format!("{CP_ADDR}/24"), "dev", "br0"])?;
+    ip_in(cp, &["link", "set", "br0", "up"])?;
+    for (i, (node, addr)) in nodes.iter().enumerate() {
+        netns_add(node)?;
+        let port = format!("n{}", i + 1);
+        ip_in(
+            cp,
+            &[
+                "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", node,
+            ],
+        )?;
+        ip_in(cp, &["link", "set", &port, "master", "br0", "up"])?;
+        ip_in(node, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        ip_in(node, &["link", "set", "eth0", "up"])?;
+    }
+    if let (Some((_, first)), Some((_, last))) = (nodes.first(), nodes.last()) {
+        ip_in(
+            cp,
+            &["route", "add", EXTERNAL_IP_RANGE, "via", &first.to_string()],
+        )?;
+        ip_in(
+            cp,
+            &[
+                "route",
+                "add",
+                LOAD_BALANCER_RANGE,
+                "via",
+                &last.to_string(),
+            ],
+        )?;
+    }
+    Ok(())
+}
 
 pub fn netns_path(name: &str) -> PathBuf {
     PathBuf::from("/run/netns").join(name)
