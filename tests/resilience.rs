@@ -29,7 +29,7 @@ use std::{
 use weft_e2e::{
     TestLab, eventually,
     lbmaps::{self, MapWatch},
-    load::{self, Flow, Kind, Load, Tally},
+    load::{self, Flow, Kind, Load, Server, Tally},
 };
 use weft_lab::{
     lab::CniCall,
@@ -248,6 +248,7 @@ async fn no_connection_notices_any_restart_under_load() {
         to: to.into(),
         what: what.into(),
         kind,
+        server: Server::Lab,
     })
     .collect();
     let load = Load::start(flows, Duration::from_millis(8)).expect("load");

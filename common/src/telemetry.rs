@@ -38,7 +38,10 @@ pub fn init(args: &CommonArgs, service: &'static str) -> anyhow::Result<Telemetr
             .with_current_span(true)
             .with_writer(std::io::stderr)
             .boxed(),
+        // Colours only for a person at a terminal: in a log file or
+        // `kubectl logs` the escape codes are noise.
         _ => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_writer(std::io::stderr)
             .boxed(),
     };

@@ -56,6 +56,18 @@ impl fmt::Display for Kind {
     }
 }
 
+/// What the server at the other end speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Server {
+    /// The lab's pod server: `who` and `echo` lines.
+    #[default]
+    Lab,
+    /// agnhost's `netexec`, the server of Kubernetes' own e2e tests: HTTP
+    /// `/hostname` and `/echo` (kept alive for established connections),
+    /// and UDP `hostname`.
+    Netexec,
+}
+
 /// One stream of traffic.
 #[derive(Debug, Clone)]
 pub struct Flow {
@@ -67,6 +79,7 @@ pub struct Flow {
     /// What `to` is, for reports (`ClusterIP`, `NodePort node2`).
     pub what: String,
     pub kind: Kind,
+    pub server: Server,
 }
 
 impl fmt::Display for Flow {
@@ -314,10 +327,11 @@ fn run_flow(
             while !stop.load(Ordering::Relaxed) {
                 counters.tried.fetch_add(1, Ordering::Relaxed);
                 let started = Instant::now();
-                let result = if flow.kind == Kind::Udp {
-                    udp_who(flow.to, UDP_TIMEOUT)
-                } else {
-                    tcp_who(flow.to, TCP_TIMEOUT)
+                let result = match (flow.server, flow.kind) {
+                    (Server::Lab, Kind::Udp) => udp_who(flow.to, UDP_TIMEOUT),
+                    (Server::Lab, _) => tcp_who(flow.to, TCP_TIMEOUT),
+                    (Server::Netexec, Kind::Udp) => netexec::udp_hostname(flow.to, UDP_TIMEOUT),
+                    (Server::Netexec, _) => netexec::http_hostname(flow.to, TCP_TIMEOUT),
                 };
                 let took = started.elapsed();
                 match result {
@@ -340,7 +354,7 @@ fn run_flow(
         Kind::TcpEstablished(n) => {
             let mut conns: Vec<Option<TcpStream>> = Vec::with_capacity(n);
             for _ in 0..n {
-                match open_echo(flow.to) {
+                match open_echo(flow.server, flow.to) {
                     Ok(s) => {
                         counters.opened.fetch_add(1, Ordering::Relaxed);
                         conns.push(Some(s));
@@ -359,7 +373,7 @@ fn run_flow(
                     let Some(conn) = slot.as_mut() else {
                         // Broken earlier: open a replacement, so later
                         // phases still have established connections.
-                        match open_echo(flow.to) {
+                        match open_echo(flow.server, flow.to) {
                             Ok(s) => {
                                 counters.opened.fetch_add(1, Ordering::Relaxed);
                                 *slot = Some(s);
@@ -372,7 +386,11 @@ fn run_flow(
                         continue;
                     };
                     counters.tried.fetch_add(1, Ordering::Relaxed);
-                    if let Err(e) = echo_once(conn, round, i) {
+                    let echoed = match flow.server {
+                        Server::Lab => echo_once(conn, round, i),
+                        Server::Netexec => netexec::http_echo(conn, round, i),
+                    };
+                    if let Err(e) = echoed {
                         counters.failed.fetch_add(1, Ordering::Relaxed);
                         counters.reset.fetch_add(1, Ordering::Relaxed);
                         if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
@@ -395,13 +413,16 @@ fn is_timeout(e: &anyhow::Error) -> bool {
     })
 }
 
-/// An established connection in the pod server's echo mode.
-fn open_echo(to: SocketAddr) -> std::io::Result<TcpStream> {
+/// An established connection: in the pod server's echo mode, or an HTTP
+/// connection kept alive.
+fn open_echo(server: Server, to: SocketAddr) -> std::io::Result<TcpStream> {
     let mut s = TcpStream::connect_timeout(&to, TCP_TIMEOUT)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(TCP_TIMEOUT))?;
     s.set_write_timeout(Some(TCP_TIMEOUT))?;
-    s.write_all(b"echo\n")?;
+    if server == Server::Lab {
+        s.write_all(b"echo\n")?;
+    }
     Ok(s)
 }
 
@@ -418,4 +439,93 @@ fn echo_once(s: &mut TcpStream, round: u64, conn: usize) -> std::io::Result<()> 
         )));
     }
     Ok(())
+}
+
+/// The client side of agnhost netexec, enough for the load: one HTTP/1.1
+/// request and its response, and the UDP `hostname` command.
+pub mod netexec {
+    use std::{
+        io::{BufRead as _, BufReader, Read as _, Write as _},
+        net::{SocketAddr, TcpStream, UdpSocket},
+        time::Duration,
+    };
+
+    use anyhow::{Context as _, bail};
+
+    /// `GET /hostname` on a new connection: the answering pod's name.
+    pub fn http_hostname(addr: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
+        let mut s = TcpStream::connect_timeout(&addr, timeout)
+            .with_context(|| format!("connecting to {addr}"))?;
+        s.set_read_timeout(Some(timeout))?;
+        let body = request(&mut s, "/hostname", true)?;
+        if body.trim().is_empty() {
+            bail!("empty hostname from {addr}");
+        }
+        Ok(body.trim().to_string())
+    }
+
+    /// `GET /echo?msg=...` on a kept-alive connection.
+    pub fn http_echo(s: &mut TcpStream, round: u64, conn: usize) -> std::io::Result<()> {
+        let msg = format!("{round:012}-{conn:03}");
+        let body = request(s, &format!("/echo?msg={msg}"), false).map_err(std::io::Error::other)?;
+        if body != msg {
+            return Err(std::io::Error::other(format!(
+                "echo mismatch: sent {msg:?}, got {body:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn request(s: &mut TcpStream, path: &str, close: bool) -> anyhow::Result<String> {
+        let connection = if close { "close" } else { "keep-alive" };
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: netexec\r\nConnection: {connection}\r\n\r\n")
+                .as_bytes(),
+        )?;
+        let mut reader = BufReader::new(s);
+        let mut status = String::new();
+        reader.read_line(&mut status)?;
+        if !status.starts_with("HTTP/1.1 200") {
+            bail!("HTTP answer {:?}", status.trim());
+        }
+        let mut length = None;
+        loop {
+            let mut header = String::new();
+            if reader.read_line(&mut header)? == 0 {
+                bail!("connection closed in the headers");
+            }
+            let header = header.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse::<usize>().ok();
+            }
+        }
+        let length = length.context("no Content-Length")?;
+        let mut body = vec![0u8; length];
+        reader.read_exact(&mut body)?;
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// The UDP `hostname` command from a fresh socket.
+    pub fn udp_hostname(addr: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(timeout))?;
+        s.send_to(b"hostname", addr)?;
+        let mut buf = [0u8; 512];
+        let (n, from) = s
+            .recv_from(&mut buf)
+            .with_context(|| format!("no UDP reply from {addr}"))?;
+        if from != addr {
+            bail!("UDP reply came from {from}, not {addr}: reverse translation failed");
+        }
+        let name = String::from_utf8_lossy(&buf[..n]).trim().to_string();
+        if name.is_empty() {
+            bail!("empty UDP reply from {addr}");
+        }
+        Ok(name)
+    }
 }

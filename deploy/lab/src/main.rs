@@ -142,6 +142,13 @@ enum KubeCmd {
         #[command(flatten)]
         kube: KubeArgs,
     },
+    /// Restart one of the cluster's processes (`kube-apiserver`, `etcd`,
+    /// `<node>-kubelet`, `<node>-containerd`, ...) with SIGTERM.
+    Restart {
+        #[command(flatten)]
+        kube: KubeArgs,
+        process: String,
+    },
     /// Run kubectl against the cluster, from its control-plane namespace.
     Kubectl {
         #[command(flatten)]
@@ -149,6 +156,18 @@ enum KubeCmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+}
+
+/// The upstream binaries of a cluster that is up (cached by the build).
+fn upstream_bin(repo: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let out = Command::new(repo.join("deploy/kube/build.sh"))
+        .args(weft_lab::kube::artifacts::CLUSTER_PROGRAMS)
+        .output()
+        .context("running deploy/kube/build.sh")?;
+    if !out.status.success() {
+        bail!("deploy/kube/build.sh failed");
+    }
+    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
 }
 
 async fn kube(command: KubeCmd) -> anyhow::Result<()> {
@@ -206,17 +225,14 @@ async fn kube(command: KubeCmd) -> anyhow::Result<()> {
             let cluster = Cluster::new(KubeConfig::new(&kube.name, PathBuf::new()));
             cluster.down().await
         }
+        KubeCmd::Restart { kube, process } => {
+            let cluster = Cluster::new(KubeConfig::new(&kube.name, upstream_bin(&repo)?));
+            let pid = cluster.find_daemon(&process)?.restart().await?;
+            println!("{process} restarted as {pid}");
+            Ok(())
+        }
         KubeCmd::Kubectl { kube, args } => {
-            let upstream = PathBuf::from(
-                String::from_utf8(
-                    Command::new(repo.join("deploy/kube/build.sh"))
-                        .arg("kubectl")
-                        .output()?
-                        .stdout,
-                )?
-                .trim(),
-            );
-            let cluster = Cluster::new(KubeConfig::new(&kube.name, upstream));
+            let cluster = Cluster::new(KubeConfig::new(&kube.name, upstream_bin(&repo)?));
             let kubectl = cluster.kubectl();
             let status = Command::new("nsenter")
                 .arg(format!("--net={}", netns_path(&kubectl.netns).display()))

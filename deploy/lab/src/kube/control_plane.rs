@@ -127,3 +127,52 @@ impl Cluster {
         vec![etcd, apiserver, controller_manager, scheduler]
     }
 }
+
+impl Cluster {
+    /// Moves etcd `writes` revisions on (keys outside Kubernetes' prefix)
+    /// and compacts its history up to the newest: every resourceVersion a
+    /// watcher held is then gone, and resuming from one answers 410 Gone.
+    /// Returns the compacted revision.
+    pub async fn etcd_compact(&self, writes: usize) -> anyhow::Result<u64> {
+        let etcdctl = |args: Vec<String>| {
+            let netns = crate::net::netns_path(&self.cp_netns());
+            async move {
+                let out = tokio::process::Command::new("nsenter")
+                    .arg(format!("--net={}", netns.display()))
+                    .args(["--", "etcdctl", "--endpoints", ETCD_CLIENT])
+                    .args(&args)
+                    .env("ETCDCTL_API", "3")
+                    .output()
+                    .await?;
+                anyhow::ensure!(
+                    out.status.success(),
+                    "etcdctl {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+                Ok::<_, anyhow::Error>(String::from_utf8_lossy(&out.stdout).into_owned())
+            }
+        };
+        for i in 0..writes {
+            etcdctl(vec![
+                "put".into(),
+                format!("/weft-lab/filler/{i}"),
+                "x".into(),
+            ])
+            .await?;
+        }
+        let status = etcdctl(vec![
+            "endpoint".into(),
+            "status".into(),
+            "-w".into(),
+            "json".into(),
+        ])
+        .await?;
+        let status: serde_json::Value = serde_json::from_str(&status)?;
+        let revision = status[0]["Status"]["header"]["revision"]
+            .as_u64()
+            .ok_or_else(|| anyhow::anyhow!("no revision in etcd's status: {status}"))?;
+        etcdctl(vec!["compact".into(), revision.to_string()]).await?;
+        Ok(revision)
+    }
+}

@@ -17,6 +17,7 @@
 pub mod artifacts;
 pub mod control_plane;
 pub mod daemon;
+pub mod inspect;
 pub mod install;
 pub mod kubectl;
 pub mod node;
@@ -499,6 +500,10 @@ impl Cluster {
                 let _ = std::fs::remove_file(&node.mount_ns);
             }
             remove_cgroups(&node.cgroup_root());
+        }
+        // The parent of the nodes' cgroups goes with the last cluster.
+        for hierarchy in node::cgroup_hierarchies() {
+            let _ = std::fs::remove_dir(hierarchy.join("weft-lab"));
         }
         for d in cluster.control_plane_daemons().iter().rev() {
             d.stop(Signal::SIGTERM, grace).await;
