@@ -359,6 +359,18 @@ fn optional_path(obj: &Map<String, Value>, key: &str) -> Result<Option<PathBuf>,
     }
 }
 
+/// A field of a runtime-supplied object, its name matched regardless of
+/// case, as Go's encoding/json (and so every Go plugin) matches it:
+/// containerd 1.6 and 1.7 send portMappings as `HostPort`, `ContainerPort`,
+/// `Protocol` and `HostIP` (go-cni's struct has no JSON tags).
+fn field_ci<'a>(m: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    m.get(name).or_else(|| {
+        m.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    })
+}
+
 fn parse_port_mapping(index: usize, value: &Value) -> Result<PortMapping, CniError> {
     let field = |name: &str| format!("runtimeConfig.portMappings[{index}].{name}");
     let Value::Object(m) = value else {
@@ -367,7 +379,7 @@ fn parse_port_mapping(index: usize, value: &Value) -> Result<PortMapping, CniErr
         )));
     };
     let port = |name: &str| -> Result<u16, CniError> {
-        m.get(name)
+        field_ci(m, name)
             .and_then(Value::as_u64)
             .filter(|p| (1..=65535).contains(p))
             .map(|p| p as u16)
@@ -377,7 +389,7 @@ fn parse_port_mapping(index: usize, value: &Value) -> Result<PortMapping, CniErr
     };
     let host_port = port("hostPort")?;
     let container_port = port("containerPort")?;
-    let protocol = match m.get("protocol") {
+    let protocol = match field_ci(m, "protocol") {
         None | Some(Value::Null) => "tcp".to_string(),
         Some(Value::String(p)) if p.is_empty() => "tcp".to_string(),
         Some(Value::String(p)) => match p.to_ascii_lowercase().as_str() {
@@ -399,7 +411,7 @@ fn parse_port_mapping(index: usize, value: &Value) -> Result<PortMapping, CniErr
             )));
         }
     };
-    let host_ip = match m.get("hostIP") {
+    let host_ip = match field_ci(m, "hostIP") {
         None | Some(Value::Null) => String::new(),
         Some(Value::String(ip)) if ip.is_empty() => String::new(),
         Some(Value::String(ip)) => {
@@ -466,6 +478,27 @@ mod tests {
         assert!(conf.port_mappings.is_empty());
         assert_eq!(conf.timeout_for(Command::Add), DEFAULT_TIMEOUT);
         assert_eq!(conf.timeout_for(Command::Del), SHORT_TIMEOUT);
+    }
+
+    /// The form containerd 1.6 and 1.7 send (go-cni's untagged struct):
+    /// found on the real cluster, where every hostPort pod failed its ADD.
+    #[test]
+    fn port_mappings_with_go_field_names_are_read() {
+        let conf = parse_json(json!({
+            "cniVersion": "1.0.0",
+            "name": "weft",
+            "type": "weft-cni",
+            "runtimeConfig": {"portMappings": [
+                {"HostPort": 54323, "ContainerPort": 8080, "Protocol": "tcp", "HostIP": "127.0.0.1"}
+            ]}
+        }))
+        .expect("valid");
+        let m = &conf.port_mappings[0];
+        assert_eq!((m.host_port, m.container_port), (54323, 8080));
+        assert_eq!(
+            (m.protocol.as_str(), m.host_ip.as_str()),
+            ("tcp", "127.0.0.1")
+        );
     }
 
     #[test]

@@ -22,8 +22,25 @@ ENTRYPOINT [\"/pause\"]"
   "registry.k8s.io/e2e-test-images/agnhost:2.59|agnhost.tar|ENTRYPOINT [\"/agnhost\"]
 CMD [\"pause\"]"
   "registry.k8s.io/e2e-test-images/busybox:1.37.0-1|busybox.tar|CMD [\"sh\"]"
+  "registry.k8s.io/e2e-test-images/jessie-dnsutils:1.7|jessie-dnsutils.tar|CMD [\"sh\"]"
   "registry.k8s.io/coredns/coredns:v1.13.1|coredns.tar|ENTRYPOINT [\"/coredns\"]"
 )
+
+# The network tools upstream's test images carry (they are built on Alpine
+# or Debian with these), from this machine's Debian packages.
+rootfs_tools() {
+  local root=$1 tool
+  for tool in /usr/bin/curl /usr/bin/dig /usr/bin/nslookup /usr/bin/nc.openbsd /usr/sbin/ip \
+    /usr/bin/getent /usr/bin/bash; do
+    rootfs_binary "$root" "$tool" "/bin/$(basename "$tool")"
+  done
+  ln -sf nc.openbsd "$root/bin/nc"
+  # /bin/sh is dash, as on Debian: Debian's static busybox runs its own
+  # applets before anything on PATH, so a busybox sh would run busybox's
+  # nc where a test means netcat.
+  rootfs_binary "$root" /usr/bin/dash /bin/dash
+  ln -sf dash "$root/bin/sh"
+}
 
 rootfs_for() {
   local archive=$1 root=$2
@@ -32,14 +49,27 @@ rootfs_for() {
     pause.tar)
       install -D -m 0755 "$bin/pause" "$root/pause" ;;
     agnhost.tar)
-      # What upstream's agnhost image carries beside agnhost (it is built
-      # on Alpine with these): the suite runs them in its pods.
+      # What upstream's agnhost image carries beside agnhost (its
+      # Dockerfile, in the module): the tools the suite runs in its pods,
+      # CoreDNS for the DNS tests' own servers, the porter's TLS pair, the
+      # user and group a sig-node test expects.
       install -D -m 0755 "$bin/agnhost" "$root/agnhost"
-      local tool
-      for tool in /usr/bin/curl /usr/bin/dig /usr/bin/nslookup /usr/bin/nc.openbsd /usr/sbin/ip /usr/bin/bash; do
-        rootfs_binary "$root" "$tool" "/bin/$(basename "$tool")"
-      done
-      ln -sf nc.openbsd "$root/bin/nc"
+      ln -s agnhost "$root/agnhost-2"
+      install -D -m 0755 "$bin/coredns" "$root/coredns"
+      local src
+      src=$(cd "$here/upstream" && GOFLAGS=-mod=mod go list -m -f '{{.Dir}}' k8s.io/kubernetes)/test/images/agnhost
+      install -m 0644 "$src/porter/localhost.crt" "$src/porter/localhost.key" "$root/"
+      mkdir -p "$root/uploads"
+      rootfs_tools "$root"
+      rootfs_binary "$root" /usr/bin/ss /bin/ss
+      rootfs_binary "$root" /usr/bin/iperf /bin/iperf
+      echo "user-defined-in-image:x:1000:1000::/home/user-defined-in-image:/bin/sh" >> "$root/etc/passwd"
+      printf 'user-defined-in-image:x:1000:\ngroup-defined-in-image:x:50000:user-defined-in-image\n' >> "$root/etc/group"
+      rootfs_busybox "$root" ;;
+    jessie-dnsutils.tar)
+      # Debian with dnsutils upstream: the DNS tests' queriers run dig,
+      # getent and a shell in it.
+      rootfs_tools "$root"
       rootfs_busybox "$root" ;;
     busybox.tar)
       rootfs_busybox "$root" ;;

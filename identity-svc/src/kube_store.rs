@@ -70,6 +70,16 @@ struct Seen {
 
 type SeenMap = BTreeMap<u32, Seen>;
 
+/// What this store asks of the API: its own custom resources only (claimed
+/// by create, owners changed by patch, read back by get and list, freed by
+/// delete, followed by a watch). The chart's ClusterRole for identity-svc
+/// grants exactly this.
+pub const API_ACCESS: &[weft_k8s::access::Access] = &[weft_k8s::access::Access {
+    group: "weft.io",
+    resource: "securityidentities",
+    verbs: &["get", "list", "watch", "create", "patch", "delete"],
+}];
+
 pub struct KubeIdentityStore {
     api: Api<SecurityIdentity>,
     seen: Arc<Mutex<SeenMap>>,

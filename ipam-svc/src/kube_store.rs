@@ -65,6 +65,23 @@ struct Seen {
     cidr: String,
 }
 
+/// What this store asks of the API: its own custom resources (claimed by
+/// create, freed by a guarded delete, followed by a watch) and single
+/// Nodes, to check one is really gone before freeing its block. The
+/// chart's ClusterRole for ipam-svc grants exactly this.
+pub const API_ACCESS: &[weft_k8s::access::Access] = &[
+    weft_k8s::access::Access {
+        group: "weft.io",
+        resource: "nodecidrs",
+        verbs: &["list", "watch", "create", "delete"],
+    },
+    weft_k8s::access::Access {
+        group: "",
+        resource: "nodes",
+        verbs: &["get"],
+    },
+];
+
 pub struct KubeCidrStore {
     api: Api<NodeCIDR>,
     nodes: Api<Node>,

@@ -8,6 +8,7 @@
 //! (`cargo run -p weft-k8s --bin crdgen -- deploy/crds`); a test fails when
 //! the checked-in files and the types disagree.
 
+pub mod access;
 pub mod api;
 pub mod client;
 pub mod crd;

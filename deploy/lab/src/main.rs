@@ -149,6 +149,22 @@ enum KubeCmd {
         kube: KubeArgs,
         process: String,
     },
+    /// Run Kubernetes' own network tests (the upstream e2e suite) against
+    /// the cluster: conformance, NetworkPolicy and Services specs; writes
+    /// JUnit and a summary table under the report directory.
+    E2e {
+        #[command(flatten)]
+        kube: KubeArgs,
+        /// Which specs: `conformance`, `netpol`, `services`, or `all`.
+        #[arg(long, default_value = "all", value_parser = ["conformance", "netpol", "services", "all"])]
+        suite: String,
+        /// Parallel ginkgo processes.
+        #[arg(long, default_value_t = 4)]
+        procs: usize,
+        /// Where the reports go; defaults to the cluster's state directory.
+        #[arg(long)]
+        report_dir: Option<PathBuf>,
+    },
     /// Run kubectl against the cluster, from its control-plane namespace.
     Kubectl {
         #[command(flatten)]
@@ -229,6 +245,52 @@ async fn kube(command: KubeCmd) -> anyhow::Result<()> {
             let cluster = Cluster::new(KubeConfig::new(&kube.name, upstream_bin(&repo)?));
             let pid = cluster.find_daemon(&process)?.restart().await?;
             println!("{process} restarted as {pid}");
+            Ok(())
+        }
+        KubeCmd::E2e {
+            kube,
+            suite,
+            procs,
+            report_dir,
+        } => {
+            use weft_lab::kube::e2e;
+            let mut programs = vec!["e2e.test", "ginkgo"];
+            programs.extend(weft_lab::kube::artifacts::CLUSTER_PROGRAMS);
+            let out = Command::new(repo.join("deploy/kube/build.sh"))
+                .args(&programs)
+                .output()
+                .context("running deploy/kube/build.sh")?;
+            if !out.status.success() {
+                bail!("deploy/kube/build.sh failed");
+            }
+            let mut cfg = KubeConfig::new(
+                &kube.name,
+                PathBuf::from(String::from_utf8(out.stdout)?.trim()),
+            );
+            cfg.nodes = Cluster::new(cfg.clone()).node_count();
+            let cluster = Cluster::new(cfg);
+            let suites = match suite.as_str() {
+                "conformance" => vec![e2e::CONFORMANCE],
+                "netpol" => vec![e2e::NETWORK_POLICY],
+                "services" => vec![e2e::SERVICES],
+                _ => e2e::SUITES.to_vec(),
+            };
+            let opts = e2e::RunOptions {
+                suites,
+                skips: e2e::read_skips(&repo.join("deploy/kube/e2e-skips.txt"))?,
+                procs,
+                report_dir: report_dir.unwrap_or_else(|| cluster.cfg.state_dir.join("e2e")),
+            };
+            println!(
+                "running the e2e specs; progress in {}",
+                opts.report_dir.join("e2e.log").display()
+            );
+            let summary = cluster.run_e2e(&opts).await?;
+            println!("{}", summary.table());
+            println!("reports: {}", opts.report_dir.display());
+            if !summary.failures().is_empty() {
+                std::process::exit(1);
+            }
             Ok(())
         }
         KubeCmd::Kubectl { kube, args } => {

@@ -36,6 +36,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 use weft_common::watch::{ObjKey, Packed};
+use weft_k8s::access::{Access, WATCH};
 use weft_proto::watcher::v1::{Kind, Resource};
 
 use super::{Source, SourceError};
@@ -44,6 +45,41 @@ use crate::{
     metrics::Metrics,
     state::{Change, KindSet, StateStore},
 };
+
+/// What this source asks of the API: a watch of every kind it streams.
+/// The chart's ClusterRole for svc-watcher grants exactly this.
+pub const API_ACCESS: &[Access] = &[
+    Access {
+        group: "",
+        resource: "services",
+        verbs: WATCH,
+    },
+    Access {
+        group: "discovery.k8s.io",
+        resource: "endpointslices",
+        verbs: WATCH,
+    },
+    Access {
+        group: "",
+        resource: "pods",
+        verbs: WATCH,
+    },
+    Access {
+        group: "",
+        resource: "nodes",
+        verbs: WATCH,
+    },
+    Access {
+        group: "",
+        resource: "namespaces",
+        verbs: WATCH,
+    },
+    Access {
+        group: "networking.k8s.io",
+        resource: "networkpolicies",
+        verbs: WATCH,
+    },
+];
 
 /// The Kubernetes API through `client`.
 pub struct KubeSource {

@@ -68,6 +68,20 @@ pub fn prepare(name: &str, repo: &Path, weft_bin: &Path) -> anyhow::Result<KubeC
     Ok(cfg)
 }
 
+/// What a cluster of only etcd and the API server needs (the programs are
+/// built or taken from the cache), with helm and the chart.
+pub fn prepare_api_server(name: &str, repo: &Path) -> anyhow::Result<KubeConfig> {
+    let upstream = PathBuf::from(script(
+        &repo.join("deploy/kube/build.sh"),
+        &["kube-apiserver", "kubectl"],
+    )?);
+    let mut cfg = KubeConfig::new(name, upstream);
+    cfg.nodes = 0;
+    cfg.helm = repo.join(".tools/bin/helm");
+    cfg.chart = Some(repo.join("deploy/helm/weft"));
+    Ok(cfg)
+}
+
 /// Runs a build script; its last line of output (the path it made).
 fn script(path: &Path, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(path)

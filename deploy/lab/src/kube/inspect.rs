@@ -51,6 +51,34 @@ impl Cluster {
         self.kubectl().run(&all).await
     }
 
+    /// A kubeconfig that acts as a service account (a token from the
+    /// TokenRequest API), to run a component with exactly the rights the
+    /// chart gives it.
+    pub async fn service_account_kubeconfig(
+        &self,
+        namespace: &str,
+        account: &str,
+    ) -> anyhow::Result<PathBuf> {
+        let token = self
+            .kubectl()
+            .run(&["-n", namespace, "create", "token", account, "--duration=2h"])
+            .await?;
+        let config = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "weft-lab", "cluster": {
+                "server": self.api_server(),
+                "certificate-authority": self.pki.ca_cert(),
+            }}],
+            "users": [{"name": account, "user": {"token": token.trim()}}],
+            "contexts": [{"name": "weft-lab", "context": {"cluster": "weft-lab", "user": account}}],
+            "current-context": "weft-lab",
+        });
+        let path = self.pki.kubeconfig(&format!("sa-{namespace}-{account}"));
+        std::fs::write(&path, serde_json::to_string_pretty(&config)?)?;
+        Ok(path)
+    }
+
     /// The network namespace of a running pod, as a path this process can
     /// enter (`/proc/<pid>/ns/net` of one of its containers).
     pub async fn pod_netns(&self, namespace: &str, name: &str) -> anyhow::Result<PathBuf> {

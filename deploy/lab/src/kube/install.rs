@@ -68,7 +68,29 @@ impl Cluster {
         let mut args = vec!["install", RELEASE, &chart, "--namespace", NAMESPACE];
         args.extend(values.iter().map(String::as_str));
         self.kubectl().helm(&args).await?;
-        self.wait_weft(Duration::from_secs(240)).await
+        self.wait_weft(Duration::from_secs(240)).await?;
+        self.route_pod_cidrs().await
+    }
+
+    /// Routes each node's pod CIDR to the node on the lab network, as a
+    /// cloud's route table does for native routing: the control plane is
+    /// not a node here, and the API server reaches pods (its pod and
+    /// Service proxy, webhooks) across that network.
+    pub async fn route_pod_cidrs(&self) -> anyhow::Result<()> {
+        let list = self.kubectl().json(&["get", "nodecidrs.weft.io"]).await?;
+        for item in list["items"].as_array().into_iter().flatten() {
+            let (Some(node), Some(cidr)) =
+                (item["spec"]["node"].as_str(), item["spec"]["cidr"].as_str())
+            else {
+                continue;
+            };
+            let node = self.node(node)?;
+            crate::net::ip_in(
+                &self.cp_netns(),
+                &["route", "replace", cidr, "via", &node.addr.to_string()],
+            )?;
+        }
+        Ok(())
     }
 
     /// Waits for every weft workload to roll out and every node to be Ready.

@@ -17,6 +17,7 @@
 pub mod artifacts;
 pub mod control_plane;
 pub mod daemon;
+pub mod e2e;
 pub mod inspect;
 pub mod install;
 pub mod kubectl;
@@ -121,6 +122,13 @@ impl Cluster {
                 }
             })
             .collect()
+    }
+
+    /// How many nodes a cluster of this name has on this machine (its
+    /// node namespaces), for commands that attach to one already up.
+    pub fn node_count(&self) -> usize {
+        let prefix = format!("{}-node", self.cfg.name);
+        net::netns_with_prefix(&prefix).len()
     }
 
     pub fn node(&self, name: &str) -> anyhow::Result<NodeLayout> {
@@ -234,6 +242,19 @@ impl Cluster {
         Ok(())
     }
 
+    /// Brings up only etcd and the API server (no nodes, no controllers):
+    /// enough for what talks to the API alone, in seconds.
+    pub async fn up_api_server(&self) -> anyhow::Result<()> {
+        Self::clean(&self.cfg).await?;
+        let _ = std::fs::remove_dir_all(&self.cfg.state_dir);
+        std::fs::create_dir_all(self.log_dir())?;
+        std::fs::create_dir_all(self.cfg.run_dir.join("pids"))?;
+        net::build_topology(&self.cp_netns(), &[])?;
+        self.write_pki(&[])?;
+        let daemons = self.control_plane_daemons();
+        self.start_etcd_and_api_server(&daemons[..2]).await
+    }
+
     fn write_pki(&self, nodes: &[NodeLayout]) -> anyhow::Result<()> {
         let service_ip = first_service_ip(&self.cfg.service_cidr)?;
         let api_names: Vec<String> = [
@@ -290,11 +311,19 @@ impl Cluster {
 
     async fn start_control_plane(&self) -> anyhow::Result<()> {
         let daemons = self.control_plane_daemons();
+        self.start_etcd_and_api_server(&daemons[..2]).await?;
+        for d in &daemons[2..] {
+            d.start()?;
+        }
+        Ok(())
+    }
+
+    async fn start_etcd_and_api_server(&self, daemons: &[Daemon]) -> anyhow::Result<()> {
         let (etcd, rest) = daemons.split_first().context("etcd")?;
         etcd.start()?;
         self.wait_tcp(&self.cp_netns(), ([127, 0, 0, 1], 2379).into(), etcd)
             .await?;
-        let (apiserver, rest) = rest.split_first().context("kube-apiserver")?;
+        let apiserver = rest.first().context("kube-apiserver")?;
         apiserver.start()?;
         let ready = self.wait_api(Duration::from_secs(90));
         tokio::pin!(ready);
@@ -323,9 +352,6 @@ impl Cluster {
                 Duration::from_secs(30),
             )
             .await?;
-        for d in rest {
-            d.start()?;
-        }
         Ok(())
     }
 
