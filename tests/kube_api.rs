@@ -343,6 +343,11 @@ apiVersion: v1
 kind: Namespace
 metadata: {name: shop, labels: {team: a}}
 ---
+# No controller-manager here to make it.
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: default, namespace: shop}
+---
 apiVersion: v1
 kind: Node
 metadata: {name: api-node-1, labels: {kubernetes.io/hostname: api-node-1}}
@@ -589,6 +594,10 @@ async fn allocators_keep_their_state_in_custom_resources_as_the_charts_accounts(
         format!("--state-dir={}", state.path().join("identity").display()),
     ];
     let mut identity = api.start("identity-svc", &identity_args).await;
+    // No controller-manager here to make it.
+    k.run(&["create", "serviceaccount", "default"])
+        .await
+        .expect("service account");
     for (name, app) in [("a-1", "a"), ("a-2", "a"), ("b-1", "b")] {
         k.run(&[
             "run",
