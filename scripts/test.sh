@@ -6,6 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo fmt --all -- --check
+# Upstream Kubernetes for the real-cluster tests (kube-apiserver, kubelet,
+# e2e.test, ...), built from its Go modules once per release into a cache
+# outside the repository; a second run finds it there.
+deploy/kube/build.sh >/dev/null
 # One build of every binary, shared by all tests (the end-to-end tests run
 # them from target/debug).
 cargo build --workspace --bins --locked

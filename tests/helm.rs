@@ -214,21 +214,38 @@ fn non_default_values_reach_the_rendered_manifests() {
     // The defaults: both allocators on their custom resources, each allowed
     // only its own; datapath-svc never gets API credentials.
     let docs = render(None);
-    let roles: BTreeMap<&str, Vec<String>> = docs
+    // Each ClusterRole is exactly what its component's code declares it
+    // asks of the API (API_ACCESS), rule for rule.
+    let roles: BTreeMap<&str, BTreeSet<(String, String, String)>> = docs
         .iter()
         .filter(|d| kind(d) == "ClusterRole")
         .map(|d| {
-            let resources = d["rules"]
-                .as_sequence()
-                .into_iter()
-                .flatten()
-                .flat_map(|r| strings(&r["resources"]))
-                .collect();
-            (name(d), resources)
+            let mut granted = BTreeSet::new();
+            for rule in d["rules"].as_sequence().into_iter().flatten() {
+                for group in strings(&rule["apiGroups"]) {
+                    for resource in strings(&rule["resources"]) {
+                        for verb in strings(&rule["verbs"]) {
+                            granted.insert((group.clone(), resource.clone(), verb));
+                        }
+                    }
+                }
+            }
+            (name(d), granted)
         })
         .collect();
-    assert_eq!(roles["weft-ipam-svc"], ["nodecidrs"]);
-    assert_eq!(roles["weft-identity-svc"], ["securityidentities"]);
+    let declared = |access: &[weft_k8s::access::Access]| -> BTreeSet<(String, String, String)> {
+        access
+            .iter()
+            .flat_map(|a| {
+                a.verbs
+                    .iter()
+                    .map(|v| (a.group.to_string(), a.resource.to_string(), v.to_string()))
+            })
+            .collect()
+    };
+    assert_eq!(roles["weft-svc-watcher"], declared(svc_watcher::source::kubernetes::API_ACCESS));
+    assert_eq!(roles["weft-ipam-svc"], declared(ipam_svc::kube_store::API_ACCESS));
+    assert_eq!(roles["weft-identity-svc"], declared(identity_svc::kube_store::API_ACCESS));
     assert!(!roles.contains_key("weft-datapath"));
     for binding in docs.iter().filter(|d| kind(d).ends_with("Binding")) {
         assert_ne!(
@@ -616,12 +633,20 @@ fn rendered_cni_config_is_one_the_plugin_accepts() {
         let mut conf = plugin.clone();
         conf["name"] = list["name"].clone();
         conf["cniVersion"] = list["cniVersion"].clone();
-        // STATUS parses the config, then asks datapath-svc, which is not
-        // there: "not available" (50) shows the config itself was accepted
-        // (a config error would be 1, 6 or 7).
+        // ADD parses the config (with the runtime's portMappings, in the
+        // Go-cased form containerd sends), then dials datapath-svc, which is
+        // not there: "try again later" (11) shows the config itself was
+        // accepted (a config error would be 1, 6 or 7).
+        conf["runtimeConfig"] = serde_json::json!({"portMappings": [
+            {"HostPort": 8080, "ContainerPort": 80, "Protocol": "tcp", "HostIP": ""}
+        ]});
         let mut child = Command::new(bin_dir().join("weft-cni"))
             .env_clear()
-            .env("CNI_COMMAND", "STATUS")
+            .env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", "helm-test")
+            .env("CNI_NETNS", "/proc/self/ns/net")
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/opt/cni/bin")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -638,7 +663,7 @@ fn rendered_cni_config_is_one_the_plugin_accepts() {
         let out = child.wait_with_output().expect("weft-cni output");
         let answer: serde_json::Value =
             serde_json::from_slice(&out.stdout).expect("a CNI error object");
-        assert_eq!(answer["code"], 50, "{what}: {answer}");
+        assert_eq!(answer["code"], 11, "{what}: {answer}");
     }
 }
 
@@ -714,6 +739,17 @@ fn image_holds_workspace_binaries_and_everything_the_chart_runs() {
         }
         image.extend(built);
     }
+    // The offline build (deploy/images/build.sh, the one the real-cluster
+    // tests install) ships the same binaries.
+    let script = std::fs::read_to_string(dir.join("build.sh")).expect("deploy/images/build.sh");
+    let offline: BTreeSet<String> = script
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("binaries=(")?.strip_suffix(')'))
+        .expect("a binaries=(...) line in build.sh")
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    assert_eq!(offline, image, "the offline image and the Dockerfile ship different binaries");
     for (what, values) in value_sets() {
         for workload in render(values.as_deref())
             .iter()
