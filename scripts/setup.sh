@@ -17,7 +17,7 @@ packages=(clang llvm libbpf-dev protobuf-compiler iproute2 util-linux gcc "$@")
 # the loopback CNI plugin containerd calls, podman to build images offline,
 # and the Debian tools the test images carry (static busybox, curl, dig, nc).
 packages+=(etcd-server etcd-client containerd runc containernetworking-plugins podman
-  busybox-static curl bind9-dnsutils netcat-openbsd iperf dash libc6-dev)
+  busybox-static curl bind9-dnsutils netcat-openbsd iperf dash wget libc6-dev)
 python3 -m pip --version >/dev/null 2>&1 || packages+=(python3-pip)
 missing=()
 for p in "${packages[@]}"; do

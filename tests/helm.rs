@@ -243,9 +243,18 @@ fn non_default_values_reach_the_rendered_manifests() {
             })
             .collect()
     };
-    assert_eq!(roles["weft-svc-watcher"], declared(svc_watcher::source::kubernetes::API_ACCESS));
-    assert_eq!(roles["weft-ipam-svc"], declared(ipam_svc::kube_store::API_ACCESS));
-    assert_eq!(roles["weft-identity-svc"], declared(identity_svc::kube_store::API_ACCESS));
+    assert_eq!(
+        roles["weft-svc-watcher"],
+        declared(svc_watcher::source::kubernetes::API_ACCESS)
+    );
+    assert_eq!(
+        roles["weft-ipam-svc"],
+        declared(ipam_svc::kube_store::API_ACCESS)
+    );
+    assert_eq!(
+        roles["weft-identity-svc"],
+        declared(identity_svc::kube_store::API_ACCESS)
+    );
     assert!(!roles.contains_key("weft-datapath"));
     for binding in docs.iter().filter(|d| kind(d).ends_with("Binding")) {
         assert_ne!(
@@ -749,7 +758,10 @@ fn image_holds_workspace_binaries_and_everything_the_chart_runs() {
         .split_whitespace()
         .map(String::from)
         .collect();
-    assert_eq!(offline, image, "the offline image and the Dockerfile ship different binaries");
+    assert_eq!(
+        offline, image,
+        "the offline image and the Dockerfile ship different binaries"
+    );
     for (what, values) in value_sets() {
         for workload in render(values.as_deref())
             .iter()

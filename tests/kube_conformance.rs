@@ -29,7 +29,10 @@ async fn every_sig_network_conformance_spec_passes() {
     if failed > 0 {
         let log = std::fs::read_to_string(opts.report_dir.join("e2e.log")).unwrap_or_default();
         // The failures' own sections of the log, for CI's output.
-        for block in log.split("------------------------------").filter(|b| b.contains("[FAILED]")) {
+        for block in log
+            .split("------------------------------")
+            .filter(|b| b.contains("[FAILED]"))
+        {
             let lines: Vec<&str> = block.lines().collect();
             println!("{}", lines[lines.len().saturating_sub(40)..].join("\n"));
         }

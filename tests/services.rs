@@ -578,6 +578,22 @@ spec:
     let (who, got) = transfer.join().expect("transfer thread").expect("transfer");
     println!("{who} delivered {got} of {SIZE} bytes after it began terminating");
     assert_eq!(got, SIZE, "the transfer completed");
+
+    // With every backend terminating, new connections go to them rather
+    // than being refused, as kube-proxy does (KEP-1669). The e2e suite's
+    // "fallback to local terminating endpoints" spec found weft refusing.
+    let other = ["files-1", "files-2"]
+        .into_iter()
+        .find(|n| *n != serving)
+        .expect("the other backend");
+    lab.mark_terminating("default", other).expect("terminating");
+    lab.wait_frontend_in(&node, &frontend, 2, "terminating")
+        .await;
+    for from in [From::Pod("client"), From::Node(node.clone())] {
+        let answered = ask(&lab, &from, SocketAddr::from((vip, 80)), false, 20);
+        println!("every backend terminating, {from:?}: {answered:?}");
+        assert_eq!(answered.values().sum::<usize>(), 20);
+    }
     lab.down().await;
 }
 

@@ -87,7 +87,7 @@ static __always_inline int lb4_forward(struct __sk_buff *skb, struct tuple4 *t, 
 				   (((__u32)t->sport) << 16 | t->dport) ^ t->proto);
 
 		backend_id = lb4_select(t->daddr, t->dport, t->proto, &s, t->saddr, hash, now);
-		be = lb4_usable_backend(backend_id);
+		be = lb4_usable_backend(s.flags, backend_id);
 				if (!be) {
 			struct flow_event ev = {};
 
@@ -572,7 +572,7 @@ static __always_inline int sock4_translate(struct bpf_sock_addr *ctx, int sendms
 		else
 			hash = hash3((__u32)cookie, (__u32)(cookie >> 32), daddr ^ CFG_HASH_SEED);
 		id = lb4_select(daddr, dport, proto, &s, client, hash, now);
-		be = lb4_usable_backend(id);
+		be = lb4_usable_backend(s.flags, id);
 	} else {
 		be = bpf_map_lookup_elem(&weft_lb4_backends, &id);
 	}

@@ -14,6 +14,14 @@ use crate::maps::{IPPROTO_TCP, IPPROTO_UDP, algorithm, svc_flags};
 /// The Service annotation that picks the backend selection algorithm.
 pub const ALGORITHM_ANNOTATION: &str = "weft.io/lb-algorithm";
 
+/// Service labels that hand a Service to another proxy, or to none: a
+/// Service with either is not weft's to serve, as kube-proxy leaves it
+/// (it watches only Services without them).
+pub const NOT_PROXIED_LABELS: &[&str] = &[
+    "service.kubernetes.io/service-proxy-name",
+    "service.kubernetes.io/headless",
+];
+
 /// How a frontend picks a backend for a new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub enum Algorithm {
@@ -211,6 +219,12 @@ pub struct FrontendSpec {
 }
 
 impl FrontendSpec {
+    /// Whether new connections go to terminating backends, there being
+    /// no ready one.
+    pub fn terminating_only(&self) -> bool {
+        !self.backends.is_empty() && self.backends.iter().all(|b| b.terminating)
+    }
+
     /// The backends new connections choose from: the active ones, or when
     /// there are none, the terminating ones that still serve.
     pub fn selectable(&self) -> impl Iterator<Item = &Backend> {
@@ -233,6 +247,12 @@ pub fn service_frontends<'a>(
         return Vec::new();
     };
     if svc.r#type() == ServiceType::ExternalName {
+        return Vec::new();
+    }
+    if NOT_PROXIED_LABELS
+        .iter()
+        .any(|l| meta.labels.contains_key(*l))
+    {
         return Vec::new();
     }
     let name = format!("{}/{}", meta.namespace, meta.name);
@@ -587,6 +607,32 @@ mod tests {
         );
         let (_, spec) = &service_frontends(&s, [&only_terminating], &node())[0];
         assert_eq!(spec.selectable().count(), 1);
+        // The datapath must know: it refuses terminating backends unless
+        // the frontend says they are all it has (found by the e2e suite's
+        // "fallback to local terminating endpoints" spec).
+        assert!(spec.terminating_only());
+        let (_, mixed) = &service_frontends(&s, [&sl], &node())[0];
+        assert!(!mixed.terminating_only());
+    }
+
+    /// kube-proxy leaves Services with these labels alone (the e2e
+    /// suite's "should implement service.kubernetes.io/headless" and
+    /// "service-proxy-name" specs).
+    #[test]
+    fn services_labelled_for_another_proxy_or_none_get_no_frontend() {
+        let sl = slice(
+            &[("10.244.0.5", true, true, false, "n1")],
+            &[("", Protocol::Tcp, 8080)],
+        );
+        for label in NOT_PROXIED_LABELS {
+            let mut s = svc(&["10.96.0.10"], &[("", Protocol::Tcp, 80)]);
+            if let Some(m) = s.meta.as_mut() {
+                m.labels.insert(label.to_string(), "other".into());
+            }
+            assert!(service_frontends(&s, [&sl], &node()).is_empty(), "{label}");
+        }
+        let s = svc(&["10.96.0.10"], &[("", Protocol::Tcp, 80)]);
+        assert_eq!(service_frontends(&s, [&sl], &node()).len(), 1);
     }
 
     #[test]

@@ -81,6 +81,9 @@ pub mod svc_flags {
     pub const LOAD_BALANCER: u8 = 1 << 3;
     pub const HOST_PORT: u8 = 1 << 4;
     pub const AFFINITY: u8 = 1 << 5;
+    /// No backend is ready: the slots hold serving terminating ones, which
+    /// then take new connections.
+    pub const TERMINATING_ONLY: u8 = 1 << 6;
 }
 
 /// `lb4_backend.flags`

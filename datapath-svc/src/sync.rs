@@ -321,6 +321,9 @@ impl<M: LbMaps> LbSync<M> {
         if spec.affinity_timeout.is_some() {
             flags |= svc_flags::AFFINITY;
         }
+        if spec.terminating_only() {
+            flags |= svc_flags::TERMINATING_ONLY;
+        }
         let new_slots: Vec<u32> = spec
             .selectable()
             .filter_map(|b| self.backends.get(b).map(|e| e.id))
@@ -670,6 +673,7 @@ pub fn verify<M: LbMaps>(
         if master.algorithm != spec.algorithm.number()
             || master.affinity_timeout != spec.affinity_timeout.unwrap_or(0)
             || (master.flags & svc_flags::AFFINITY != 0) != spec.affinity_timeout.is_some()
+            || (master.flags & svc_flags::TERMINATING_ONLY != 0) != spec.terminating_only()
         {
             return Err(format!(
                 "{f}: master entry {master:?} does not match {spec:?}"

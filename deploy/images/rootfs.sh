@@ -15,13 +15,18 @@ rootfs_binary() {
   done
 }
 
-# rootfs_busybox ROOTFS: Debian's static busybox at /bin/busybox, with a
-# link for each of its applets in /bin (sh, install, mv, nc, wget, ...),
-# never replacing a real binary already there.
+# rootfs_busybox ROOTFS [BUSYBOX]: a busybox at /bin/busybox (Debian's
+# static one unless BUSYBOX names another, copied with its libraries), with
+# a link for each of its applets in /bin (sh, cp, mv, wget, ...), never
+# replacing a real binary already there.
 rootfs_busybox() {
-  local root=$1 applet
-  install -D -m 0755 /bin/busybox "$root/bin/busybox"
-  for applet in $(/bin/busybox --list); do
+  local root=$1 busybox=${2:-/bin/busybox} applet
+  if [ "$busybox" = /bin/busybox ]; then
+    install -D -m 0755 "$busybox" "$root/bin/busybox"
+  else
+    rootfs_binary "$root" "$busybox" /bin/busybox
+  fi
+  for applet in $("$busybox" --list); do
     [ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"
   done
 }

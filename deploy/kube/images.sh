@@ -26,6 +26,26 @@ CMD [\"pause\"]"
   "registry.k8s.io/coredns/coredns:v1.13.1|coredns.tar|ENTRYPOINT [\"/coredns\"]"
 )
 
+# GNU wget: Debian 12's busybox wget crashes on -T (its timeout), which
+# the suite's probes pass.
+rootfs_wget() {
+  rootfs_binary "$1" /usr/bin/wget /bin/wget
+}
+
+# Debian's dynamically linked busybox, for images that carry glibc: a
+# static glibc busybox crashes in its name-service lookups (wget, id,
+# hostname -i) when it finds the image's shared glibc. It conflicts with
+# busybox-static as a package, so it is unpacked here, not installed.
+dynamic_busybox() {
+  local dir="$out/.busybox"
+  if [ ! -x "$dir/bin/busybox" ]; then
+    rm -rf "$dir" && mkdir -p "$dir"
+    (cd "$dir" && { apt-get download -qq busybox 2>/dev/null || { apt-get update -qq && apt-get download -qq busybox; }; }) >&2
+    dpkg-deb -x "$dir"/busybox_*.deb "$dir"
+  fi
+  echo "$dir/bin/busybox"
+}
+
 # The network tools upstream's test images carry (they are built on Alpine
 # or Debian with these), from this machine's Debian packages.
 rootfs_tools() {
@@ -35,6 +55,7 @@ rootfs_tools() {
     rootfs_binary "$root" "$tool" "/bin/$(basename "$tool")"
   done
   ln -sf nc.openbsd "$root/bin/nc"
+  rootfs_wget "$root"
   # /bin/sh is dash, as on Debian: Debian's static busybox runs its own
   # applets before anything on PATH, so a busybox sh would run busybox's
   # nc where a test means netcat.
@@ -65,14 +86,15 @@ rootfs_for() {
       rootfs_binary "$root" /usr/bin/iperf /bin/iperf
       echo "user-defined-in-image:x:1000:1000::/home/user-defined-in-image:/bin/sh" >> "$root/etc/passwd"
       printf 'user-defined-in-image:x:1000:\ngroup-defined-in-image:x:50000:user-defined-in-image\n' >> "$root/etc/group"
-      rootfs_busybox "$root" ;;
+      rootfs_busybox "$root" "$(dynamic_busybox)" ;;
     jessie-dnsutils.tar)
       # Debian with dnsutils upstream: the DNS tests' queriers run dig,
       # getent and a shell in it.
       rootfs_tools "$root"
-      rootfs_busybox "$root" ;;
+      rootfs_busybox "$root" "$(dynamic_busybox)" ;;
     busybox.tar)
-      rootfs_busybox "$root" ;;
+      rootfs_wget "$root"
+      rootfs_busybox "$root" "$(dynamic_busybox)" ;;
     coredns.tar)
       install -D -m 0755 "$bin/coredns" "$root/coredns" ;;
   esac

@@ -96,10 +96,16 @@ impl TestLab {
     /// Waits until `node`'s datapath programs `frontend` (as weftctl prints
     /// it: `10.96.0.10:80/TCP`) with exactly `n` active backends.
     pub async fn wait_frontend(&self, node: &str, frontend: &str, n: usize) {
+        self.wait_frontend_in(node, frontend, n, "active").await
+    }
+
+    /// Like [`TestLab::wait_frontend`], counting backends in `state`
+    /// (`active` or `terminating`).
+    pub async fn wait_frontend_in(&self, node: &str, frontend: &str, n: usize, state: &str) {
         let dp = self.datapath(node);
         eventually(
             Duration::from_secs(20),
-            &format!("{node}: {frontend} with {n} backends"),
+            &format!("{node}: {frontend} with {n} {state} backends"),
             || {
                 let mut dp = dp.clone();
                 async move {
@@ -111,9 +117,9 @@ impl TestLab {
                     let got = services
                         .iter()
                         .find(|s| s.frontend == frontend)
-                        .map(|s| s.backends.iter().filter(|b| b.state == "active").count())
+                        .map(|s| s.backends.iter().filter(|b| b.state == state).count())
                         .unwrap_or(0);
-                    anyhow::ensure!(got == n, "{got} active backends");
+                    anyhow::ensure!(got == n, "{got} {state} backends");
                     Ok(())
                 }
             },

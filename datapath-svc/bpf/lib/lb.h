@@ -26,6 +26,9 @@
 #define SVC_FLAG_LOAD_BALANCER (1 << 3)
 #define SVC_FLAG_HOST_PORT (1 << 4)
 #define SVC_FLAG_AFFINITY (1 << 5) /* sessionAffinity: ClientIP */
+/* No backend is ready: the slots hold the serving terminating ones, which
+ * then take new connections (kube-proxy's fallback, KEP-1669). */
+#define SVC_FLAG_TERMINATING_ONLY (1 << 6)
 /* Frontends that take traffic arriving from outside the node. */
 #define SVC_FLAGS_EXTERNAL (SVC_FLAG_NODE_PORT | SVC_FLAG_EXTERNAL_IP | SVC_FLAG_LOAD_BALANCER | SVC_FLAG_HOST_PORT)
 
@@ -152,15 +155,18 @@ static __always_inline struct lb4_service *lb4_lookup_service(__be32 addr, __be1
 	return bpf_map_lookup_elem(&weft_lb4_services, &key);
 }
 
-/* A backend that may take a new connection of this frontend. */
-static __always_inline struct lb4_backend *lb4_usable_backend(__u32 id)
+/* A backend that may take a new connection of a frontend with `svc_flags`:
+ * a terminating one only while the frontend has nothing else. */
+static __always_inline struct lb4_backend *lb4_usable_backend(__u8 svc_flags, __u32 id)
 {
 	struct lb4_backend *be;
 
 	if (!id)
 		return NULL;
 	be = bpf_map_lookup_elem(&weft_lb4_backends, &id);
-	if (!be || (be->flags & BACKEND_FLAG_TERMINATING))
+	if (!be)
+		return NULL;
+	if ((be->flags & BACKEND_FLAG_TERMINATING) && !(svc_flags & SVC_FLAG_TERMINATING_ONLY))
 		return NULL;
 	return be;
 }
@@ -211,14 +217,14 @@ static __always_inline __u32 lb4_select(__be32 addr, __be16 port, __u8 proto, co
 	if (svc->flags & SVC_FLAG_AFFINITY) {
 		aff = bpf_map_lookup_elem(&weft_lb4_affinity, &akey);
 		if (aff && now - aff->last_used <= (__u64)svc->affinity_timeout * 1000000000ULL &&
-		    lb4_usable_backend(aff->backend_id)) {
+		    lb4_usable_backend(svc->flags, aff->backend_id)) {
 			aff->last_used = now;
 			return aff->backend_id;
 		}
 	}
 	if (svc->algorithm == LB_ALG_MAGLEV)
 		id = lb4_select_maglev(svc->rev_nat_index, flow_hash);
-	if (!lb4_usable_backend(id))
+	if (!lb4_usable_backend(svc->flags, id))
 		id = lb4_select_random(addr, port, proto, svc->count);
 	if (id && (svc->flags & SVC_FLAG_AFFINITY)) {
 		new_aff.last_used = now;

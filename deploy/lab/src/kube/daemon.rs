@@ -23,6 +23,8 @@ pub struct Daemon {
     pub netns: String,
     /// The mount namespace it runs in (a node's), if not the host's.
     pub mount_ns: Option<PathBuf>,
+    /// The UTS namespace (a node's, whose hostname is the node's name).
+    pub uts_ns: Option<PathBuf>,
     pub bin: PathBuf,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
@@ -53,6 +55,9 @@ impl Daemon {
             .arg(format!("--net={}", netns_path(&self.netns).display()));
         if let Some(mnt) = &self.mount_ns {
             cmd.arg(format!("--mount={}", mnt.display()));
+        }
+        if let Some(uts) = &self.uts_ns {
+            cmd.arg(format!("--uts={}", uts.display()));
         }
         let status = cmd
             .arg("--")

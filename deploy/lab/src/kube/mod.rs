@@ -118,6 +118,7 @@ impl Cluster {
                     addr: net::node_addr(i),
                     dir: self.cfg.state_dir.join("nodes").join(&name),
                     mount_ns: self.cfg.run_dir.join("ns").join(&name),
+                    uts_ns: self.cfg.run_dir.join("ns").join(format!("{name}.uts")),
                     name,
                 }
             })
@@ -172,6 +173,7 @@ impl Cluster {
             name: id.clone(),
             netns: node.map_or_else(|| self.cp_netns(), |n| n.name.clone()),
             mount_ns: node.map(|n| n.mount_ns.clone()),
+            uts_ns: node.map(|n| n.uts_ns.clone()),
             bin,
             args,
             env: Vec::new(),
@@ -462,6 +464,7 @@ impl Cluster {
         let out = tokio::process::Command::new("nsenter")
             .arg(format!("--net={}", net::netns_path(&node.name).display()))
             .arg(format!("--mount={}", node.mount_ns.display()))
+            .arg(format!("--uts={}", node.uts_ns.display()))
             .arg("--")
             .args(args)
             .stdin(std::process::Stdio::null())
@@ -521,9 +524,11 @@ impl Cluster {
                 d.stop(Signal::SIGTERM, grace).await;
             }
             kill_node_processes(&node).await;
-            if node.mount_ns.exists() {
-                let _ = Command::new("umount").arg(&node.mount_ns).status();
-                let _ = std::fs::remove_file(&node.mount_ns);
+            for ns in [&node.mount_ns, &node.uts_ns] {
+                if ns.exists() {
+                    let _ = Command::new("umount").arg(ns).status();
+                    let _ = std::fs::remove_file(ns);
+                }
             }
             remove_cgroups(&node.cgroup_root());
         }

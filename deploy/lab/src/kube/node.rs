@@ -51,6 +51,10 @@ pub struct NodeLayout {
     pub dir: PathBuf,
     /// The file that holds its mount namespace.
     pub mount_ns: PathBuf,
+    /// The file that holds its UTS namespace: the node's hostname is its
+    /// name, as on a machine of its own (a hostNetwork pod's hostname is
+    /// the node's, and the e2e suite checks it).
+    pub uts_ns: PathBuf,
 }
 
 impl NodeLayout {
@@ -97,6 +101,13 @@ impl NodeLayout {
                 .arg(format!("--mount={}", self.mount_ns.display()))
                 .args(["--propagation", "slave", "sh", "-ec", &script]),
             "making the node's mount namespace",
+        )?;
+        std::fs::write(&self.uts_ns, b"")?;
+        run(
+            Command::new("unshare")
+                .arg(format!("--uts={}", self.uts_ns.display()))
+                .args(["hostname", &self.name]),
+            "making the node's UTS namespace",
         )?;
         self.create_cgroups()
     }
