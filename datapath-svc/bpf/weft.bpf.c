@@ -391,7 +391,8 @@ static __always_inline int policy_check(struct __sk_buff *skb, const struct tupl
 	ev.src_identity = direction == DIR_EGRESS ? own : peer;
 	ev.dst_identity = direction == DIR_EGRESS ? peer : own;
 	if (enforced && !(direction == DIR_INGRESS && peer == IDENTITY_HOST) &&
-	    !policy_allows(ep_id, direction, peer, t->proto, t->dport)) {
+	    !policy_allows(ep_id, direction, peer, t->proto, t->dport) &&
+	    !policy_allows_cidr(ep_id, direction, peer_addr, t->proto, t->dport)) {
 		ev.verdict = FLOW_DROPPED;
 		ev.reason = REASON_POLICY_DENIED;
 		flow_emit(&ev);

@@ -133,7 +133,7 @@ impl Datapath for DatapathService {
                 PolicyStatus {
                     isolated_endpoints: p.isolated_endpoints() as u32,
                     entries: p.entries() as u32,
-                    ipcache_entries: p.ipcache().len() as u32,
+                    ipcache_entries: p.ipcache_len() as u32,
                 }
             }),
             packets: a

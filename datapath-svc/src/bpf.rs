@@ -93,6 +93,9 @@ pub struct Programs {
 pub struct PolicyMaps {
     pub policy: LpmTrie<MapData, PolicyKey, PolicyEntry>,
     pub ipcache: LpmTrie<MapData, IpcacheKey, IpcacheEntry>,
+    /// The CIDR identities of ipBlock rules, apart: an address matches
+    /// its pod or node identity and its CIDR identity both.
+    pub ipcache_cidr: LpmTrie<MapData, IpcacheKey, IpcacheEntry>,
     pub endpoints: BpfHashMap<MapData, u32, EndpointPolicy>,
 }
 
@@ -308,6 +311,7 @@ impl Programs {
         Ok(PolicyMaps {
             policy: lpm(&mut self.ebpf, names::POLICY)?,
             ipcache: lpm(&mut self.ebpf, names::IPCACHE)?,
+            ipcache_cidr: lpm(&mut self.ebpf, names::IPCACHE_CIDR)?,
             endpoints: take_hash(&mut self.ebpf, names::ENDPOINTS)?,
         })
     }

@@ -23,6 +23,7 @@ pub mod names {
     pub const NODE_ADDRS: &str = "weft_node_addrs";
     pub const POLICY: &str = "weft_policy";
     pub const IPCACHE: &str = "weft_ipcache";
+    pub const IPCACHE_CIDR: &str = "weft_ipcache_cidr";
     pub const ENDPOINTS: &str = "weft_endpoints";
     pub const POLICY_CT: &str = "weft_policy_ct";
     pub const FLOWS: &str = "weft_flows";

@@ -4,10 +4,12 @@
 //! Peers are matched against identities (their labels carry the pod's
 //! namespace and the namespace's labels), not against pods, so a policy
 //! covers pods on every node and pods that do not exist yet. `ipBlock` peers
-//! become CIDR identities that the ipcache maps prefixes to; the datapath
-//! looks up the longest prefix, so an `except` is simply a more specific
-//! prefix whose identity the rule does not allow. Pure functions: `sync`
-//! applies the result to the maps.
+//! become CIDR identities in a prefix map of their own; the datapath looks
+//! up the longest prefix, so an `except` is simply a more specific prefix
+//! whose identity the rule does not allow. A peer passes by its pod (or
+//! node) identity or by its CIDR identity, so an ipBlock covers every
+//! address in it, pods' too, as Kubernetes defines it. Pure functions:
+//! `sync` applies the result to the maps.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -143,6 +145,7 @@ fn peer_identities(
                     .filter(|(c, _)| net.contains(*c) && !except.iter().any(|e| e.contains(*c)))
                     .map(|(_, id)| *id),
             );
+            // Addresses no prefix map entry holds at all are `world`.
             if net.prefix_len() == 0 && except.is_empty() {
                 out.insert(reserved::WORLD);
             }

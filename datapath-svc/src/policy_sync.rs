@@ -47,7 +47,72 @@ pub struct PolicySync {
     maps: PolicyMaps,
     endpoints: BTreeMap<u32, EndpointPolicy>,
     entries: BTreeSet<(u32, PolicyKey)>,
+    /// Pod and node addresses, as held in weft_ipcache.
     ipcache: BTreeMap<Ipv4Net, u32>,
+    /// ipBlock prefixes, as held in weft_ipcache_cidr.
+    cidrs: BTreeMap<Ipv4Net, u32>,
+}
+
+type PrefixTrie = aya::maps::LpmTrie<aya::maps::MapData, IpcacheKey, IpcacheEntry>;
+
+fn prefix_key(net: &Ipv4Net) -> Key<IpcacheKey> {
+    Key::new(
+        u32::from(net.prefix_len()),
+        IpcacheKey {
+            addr: be_addr(net.network()),
+        },
+    )
+}
+
+fn read_prefixes(map: &PrefixTrie, name: &'static str) -> Result<BTreeMap<Ipv4Net, u32>> {
+    let mut out = BTreeMap::new();
+    for item in map.iter() {
+        let (k, v) = item.map_err(err(name))?;
+        let prefix = u8::try_from(k.prefix_len()).unwrap_or(32);
+        if let Ok(net) = Ipv4Net::new(addr_from_be(k.data().addr), prefix) {
+            out.insert(net, v.identity);
+        }
+    }
+    Ok(out)
+}
+
+/// Writes the prefixes of `want` that `held` lacks or holds differently.
+fn add_prefixes(
+    map: &mut PrefixTrie,
+    held: &mut BTreeMap<Ipv4Net, u32>,
+    want: &BTreeMap<Ipv4Net, u32>,
+    name: &'static str,
+) -> Result<()> {
+    for (net, id) in want {
+        if held.get(net) != Some(id) {
+            let entry = IpcacheEntry {
+                identity: *id,
+                flags: 0,
+            };
+            map.insert(&prefix_key(net), entry, 0).map_err(err(name))?;
+            held.insert(*net, *id);
+        }
+    }
+    Ok(())
+}
+
+/// Removes the prefixes `held` has that `want` does not.
+fn remove_prefixes(
+    map: &mut PrefixTrie,
+    held: &mut BTreeMap<Ipv4Net, u32>,
+    want: &BTreeMap<Ipv4Net, u32>,
+    name: &'static str,
+) -> Result<()> {
+    let stale: Vec<Ipv4Net> = held
+        .keys()
+        .filter(|n| !want.contains_key(n))
+        .copied()
+        .collect();
+    for net in stale {
+        ignore_missing(map.remove(&prefix_key(&net)), name)?;
+        held.remove(&net);
+    }
+    Ok(())
 }
 
 impl PolicySync {
@@ -64,19 +129,14 @@ impl PolicySync {
             .map(|k| k.map(|k| (k.prefix_len(), k.data())))
             .collect::<Result<BTreeSet<_>, _>>()
             .map_err(err(names::POLICY))?;
-        let mut ipcache = BTreeMap::new();
-        for item in maps.ipcache.iter() {
-            let (k, v) = item.map_err(err(names::IPCACHE))?;
-            let prefix = u8::try_from(k.prefix_len()).unwrap_or(32);
-            if let Ok(net) = Ipv4Net::new(addr_from_be(k.data().addr), prefix) {
-                ipcache.insert(net, v.identity);
-            }
-        }
+        let ipcache = read_prefixes(&maps.ipcache, names::IPCACHE)?;
+        let cidrs = read_prefixes(&maps.ipcache_cidr, names::IPCACHE_CIDR)?;
         Ok(Self {
             maps,
             endpoints,
             entries,
             ipcache,
+            cidrs,
         })
     }
 
@@ -88,8 +148,9 @@ impl PolicySync {
         self.entries.len()
     }
 
-    pub fn ipcache(&self) -> &BTreeMap<Ipv4Net, u32> {
-        &self.ipcache
+    /// Every address identity held: pods, nodes and ipBlock prefixes.
+    pub fn ipcache_len(&self) -> usize {
+        self.ipcache.len() + self.cidrs.len()
     }
 
     /// Brings the maps in line with `desired` and the ipcache `ipcache`.
@@ -98,29 +159,19 @@ impl PolicySync {
         desired: &DesiredPolicy,
         ipcache: &BTreeMap<Ipv4Net, u32>,
     ) -> Result<()> {
-        // 1. Identities for addresses, new and changed.
-        for (net, id) in ipcache {
-            if self.ipcache.get(net) != Some(id) {
-                let key = Key::new(
-                    u32::from(net.prefix_len()),
-                    IpcacheKey {
-                        addr: be_addr(net.network()),
-                    },
-                );
-                self.maps
-                    .ipcache
-                    .insert(
-                        &key,
-                        IpcacheEntry {
-                            identity: *id,
-                            flags: 0,
-                        },
-                        0,
-                    )
-                    .map_err(err(names::IPCACHE))?;
-                self.ipcache.insert(*net, *id);
-            }
-        }
+        // 1. Identities for addresses and prefixes, new and changed.
+        add_prefixes(
+            &mut self.maps.ipcache,
+            &mut self.ipcache,
+            ipcache,
+            names::IPCACHE,
+        )?;
+        add_prefixes(
+            &mut self.maps.ipcache_cidr,
+            &mut self.cidrs,
+            &desired.cidrs,
+            names::IPCACHE_CIDR,
+        )?;
         // 2. New allow entries.
         for (len, key) in desired.entries.difference(&self.entries.clone()) {
             self.maps
@@ -156,23 +207,19 @@ impl PolicySync {
             ignore_missing(self.maps.policy.remove(&Key::new(len, key)), names::POLICY)?;
             self.entries.remove(&(len, key));
         }
-        // 5. Addresses no longer known.
-        let stale: Vec<Ipv4Net> = self
-            .ipcache
-            .keys()
-            .filter(|n| !ipcache.contains_key(n))
-            .copied()
-            .collect();
-        for net in stale {
-            let key = Key::new(
-                u32::from(net.prefix_len()),
-                IpcacheKey {
-                    addr: be_addr(net.network()),
-                },
-            );
-            ignore_missing(self.maps.ipcache.remove(&key), names::IPCACHE)?;
-            self.ipcache.remove(&net);
-        }
+        // 5. Addresses and prefixes no longer known.
+        remove_prefixes(
+            &mut self.maps.ipcache,
+            &mut self.ipcache,
+            ipcache,
+            names::IPCACHE,
+        )?;
+        remove_prefixes(
+            &mut self.maps.ipcache_cidr,
+            &mut self.cidrs,
+            &desired.cidrs,
+            names::IPCACHE_CIDR,
+        )?;
         Ok(())
     }
 }
@@ -336,8 +383,12 @@ fn inputs(agent: &crate::agent::Agent) -> (DesiredPolicy, BTreeMap<Ipv4Net, u32>
         endpoints: &endpoints,
         pods: &pods,
     });
-    ipcache.extend(desired.cidrs.iter().map(|(c, id)| (*c, *id)));
+    // ipBlock prefixes go to a map of their own: a pod address keeps its
+    // identity even where an ipBlock prefix (an `except` of a pod's /32,
+    // say) covers it.
     book.ipcache = ipcache.clone();
+    book.ipcache
+        .extend(desired.cidrs.iter().map(|(c, id)| (*c, *id)));
     (desired, ipcache, book)
 }
 

@@ -1,8 +1,11 @@
 /* Identity-based network policy.
  *
- * weft_ipcache maps addresses to security identities (longest prefix
- * wins: pod /32s, node addresses, CIDR identities of ipBlock rules; no
- * match is `world`). weft_policy holds, per endpoint (the pod's host veth
+ * weft_ipcache maps addresses to security identities: pod /32s and node
+ * addresses; no match is `world`. weft_ipcache_cidr maps addresses to the
+ * CIDR identities of ipBlock rules (longest prefix wins, so an `except` is
+ * a more specific prefix whose identity the rule does not allow). A peer is
+ * allowed by its identity or by its CIDR identity: an ipBlock covers every
+ * address in it, pods' included, as Kubernetes defines it. weft_policy holds, per endpoint (the pod's host veth
  * ifindex) and direction, which peer identities may reach which protocol and
  * port: an LPM trie whose key ends with the port, so a port range is a
  * handful of prefixes, "any port" stops the prefix after the protocol and
@@ -98,6 +101,15 @@ struct {
 } weft_ipcache SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct ipcache_key);
+	__type(value, struct ipcache_entry);
+	__uint(max_entries, IPCACHE_MAP_SIZE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_ipcache_cidr SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, __u32);
 	__type(value, struct endpoint_policy);
@@ -121,6 +133,16 @@ static __always_inline __u32 ipcache_identity(__be32 addr)
 	return e ? e->identity : IDENTITY_WORLD;
 }
 
+/* The CIDR identity of the most specific ipBlock prefix holding `addr`;
+ * 0 when none does. */
+static __always_inline __u32 ipcache_cidr_identity(__be32 addr)
+{
+	struct ipcache_key key = { .prefixlen = 32, .addr = addr };
+	struct ipcache_entry *e = bpf_map_lookup_elem(&weft_ipcache_cidr, &key);
+
+	return e ? e->identity : 0;
+}
+
 /* Whether the endpoint's policy lets `peer` reach `proto`/`dport` in
  * `direction`: by an entry for the peer, or one for any peer. */
 static __always_inline int policy_allows(__u32 ep_id, __u8 direction, __u32 peer, __u8 proto, __be16 dport)
@@ -138,6 +160,14 @@ static __always_inline int policy_allows(__u32 ep_id, __u8 direction, __u32 peer
 		return 1;
 	key.identity = 0;
 	return bpf_map_lookup_elem(&weft_policy, &key) != NULL;
+}
+
+/* Whether an ipBlock rule of the endpoint's policy covers `addr`. */
+static __always_inline int policy_allows_cidr(__u32 ep_id, __u8 direction, __be32 addr, __u8 proto, __be16 dport)
+{
+	__u32 cidr = ipcache_cidr_identity(addr);
+
+	return cidr && policy_allows(ep_id, direction, cidr, proto, dport);
 }
 
 /* Connection tracking for policy, per endpoint, in the direction the
