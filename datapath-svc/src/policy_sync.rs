@@ -233,6 +233,41 @@ pub struct AddressBook {
     pub ipcache: BTreeMap<Ipv4Net, u32>,
 }
 
+/// Which pod each pod address belongs to, from (name, pod, identity).
+///
+/// An address may be listed by more than one pod: a pod that is gone or
+/// going keeps its address in its status after the address went to a new
+/// pod (addresses come back quickly in a /24, and the e2e suite's netpol
+/// specs churn pods fast enough to see it). A pod that ran to completion
+/// holds nothing; of the others a pod not being deleted wins over one that
+/// is, then the most recently changed (resourceVersions are etcd
+/// revisions, so they order changes).
+fn address_holders<'a>(
+    pods: impl IntoIterator<Item = (String, &'a weft_proto::watcher::v1::Pod, u32)>,
+) -> std::collections::HashMap<std::net::Ipv4Addr, (String, u32)> {
+    let mut held: std::collections::HashMap<std::net::Ipv4Addr, ((bool, u64), String, u32)> =
+        std::collections::HashMap::new();
+    for (name, pod, id) in pods {
+        if matches!(pod.phase.as_str(), "Succeeded" | "Failed") {
+            continue;
+        }
+        let meta = pod.meta.as_ref();
+        let claim = (
+            !meta.is_some_and(|m| m.deleting),
+            meta.and_then(|m| m.resource_version.parse().ok())
+                .unwrap_or(0),
+        );
+        for ip in pod.pod_ips.iter().filter_map(|ip| ip.parse().ok()) {
+            if held.get(&ip).is_none_or(|(c, _, _)| *c < claim) {
+                held.insert(ip, (claim, name.clone(), id));
+            }
+        }
+    }
+    held.into_iter()
+        .map(|(ip, (_, name, id))| (ip, (name, id)))
+        .collect()
+}
+
 /// Gathers what policy depends on from the agent's view of the cluster.
 fn inputs(agent: &crate::agent::Agent) -> (DesiredPolicy, BTreeMap<Ipv4Net, u32>, AddressBook) {
     use weft_common::{
@@ -297,6 +332,7 @@ fn inputs(agent: &crate::agent::Agent) -> (DesiredPolicy, BTreeMap<Ipv4Net, u32>
             })
             .collect()
     };
+    let mut claims = Vec::new();
     for (key, r) in mirror.of_kind(Kind::Pod) {
         let Some(resource::Kind::Pod(pod)) = &r.kind else {
             continue;
@@ -315,15 +351,11 @@ fn inputs(agent: &crate::agent::Agent) -> (DesiredPolicy, BTreeMap<Ipv4Net, u32>
             continue;
         };
         pods.push((id, ports_of(pod)));
-        for ip in pod
-            .pod_ips
-            .iter()
-            .filter_map(|ip| ip.parse::<std::net::Ipv4Addr>().ok())
-        {
-            ipcache.insert(Ipv4Net::from(ip), id);
-            book.pods
-                .insert(ip, (format!("{}/{}", key.namespace, key.name), id));
-        }
+        claims.push((format!("{}/{}", key.namespace, key.name), pod.clone(), id));
+    }
+    for (ip, (name, id)) in address_holders(claims.iter().map(|(n, p, i)| (n.clone(), p, *i))) {
+        ipcache.insert(Ipv4Net::from(ip), id);
+        book.pods.insert(ip, (name, id));
     }
     // Nodes: this one is the host, the others remote nodes.
     for (_, r) in mirror.of_kind(Kind::Node) {
@@ -421,6 +453,56 @@ pub async fn follow(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = agent.policy_dirty.notified() => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use weft_proto::watcher::v1::{ObjectMeta, Pod};
+
+    use super::address_holders;
+
+    fn pod(ip: &str, phase: &str, deleting: bool, rv: &str) -> Pod {
+        Pod {
+            meta: Some(ObjectMeta {
+                deleting,
+                resource_version: rv.into(),
+                ..Default::default()
+            }),
+            pod_ips: vec![ip.into()],
+            phase: phase.into(),
+            ..Default::default()
+        }
+    }
+
+    /// The e2e suite's netpol specs found a new pod's address mapped to
+    /// the identity of the pod that had it before, whichever sorted last.
+    #[test]
+    fn a_reused_address_belongs_to_the_pod_holding_it_now() {
+        let ip = "10.244.1.7";
+        let new = pod(ip, "Running", false, "900");
+        for old in [
+            pod(ip, "Succeeded", false, "950"),
+            pod(ip, "Failed", false, "950"),
+            pod(ip, "Running", true, "950"),
+            pod(ip, "Running", false, "800"),
+        ] {
+            // Either order: the pods' names must not decide.
+            for pods in [
+                vec![
+                    ("a/old".to_string(), &old, 1),
+                    ("z/new".to_string(), &new, 2),
+                ],
+                vec![
+                    ("z/new".to_string(), &new, 2),
+                    ("a/old".to_string(), &old, 1),
+                ],
+            ] {
+                let held = address_holders(pods);
+                let ip: std::net::Ipv4Addr = ip.parse().expect("address");
+                assert_eq!(held.get(&ip), Some(&("z/new".to_string(), 2)), "{old:?}");
+            }
         }
     }
 }
