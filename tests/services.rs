@@ -3,7 +3,12 @@
 //! outside the cluster; Maglev and random selection, ClientIP affinity, Local
 //! traffic policies and draining of terminating endpoints.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use weft_e2e::TestLab;
 use weft_lab::{
@@ -835,6 +840,106 @@ async fn pods_reach_services_at_connect_time() {
         sock_after - sock_before >= 30 + 1 + 1,
         "translated at the socket: {} -> {sock_after}",
         sock_before
+    );
+    lab.down().await;
+}
+
+/// GET `path` on `addr` from `netns`: (status code, body).
+fn http_get_status(netns: &std::path::Path, addr: SocketAddr, path: &str) -> (u16, String) {
+    let what = format!("GET {addr}{path}");
+    let path = path.to_string();
+    in_pod(netns, move || {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect_timeout(&addr, TIMEOUT)?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: lb\r\n\r\n").as_bytes())?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((code, body))
+    })
+    .unwrap_or_else(|e| panic!("{what}: {e:#}"))
+}
+
+/// A LoadBalancer Service with `externalTrafficPolicy: Local` is health
+/// checked per node on its healthCheckNodePort, as kube-proxy answers it:
+/// 200 and the count where the node has ready endpoints, 503 where it has
+/// none or only terminating ones; and kube-proxy's node health endpoint
+/// (:10256) answers. Found by the e2e suite's "should fail health check
+/// node port if there are only terminating endpoints" spec: weft served no
+/// health check at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_balancers_health_check_each_node_for_local_endpoints() {
+    let lab = TestLab::up("lb_health_checks", 2).await;
+    let nodes = lab.node_names();
+    let (n1, n2) = (nodes[0].clone(), nodes[1].clone());
+    let ip1 = lab.node_addr(&n1).expect("addr");
+    let ip2 = lab.node_addr(&n2).expect("addr");
+    let svc = r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: checked
+  namespace: default
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32100
+  selector:
+    app: checked
+  ports:
+    - name: tcp
+      protocol: TCP
+      port: 80
+      targetPort: 8080
+      nodePort: 30100
+"#;
+    lab.manifests
+        .apply_yaml("service-checked.yaml", svc)
+        .expect("apply");
+    lab.manifests
+        .apply_yaml(
+            "pod-checked-1.yaml",
+            &pod("checked-1", &[("app", "checked")], Some(&n1), None),
+        )
+        .expect("apply");
+    wait_pods(&lab, &["checked-1"]).await;
+    lab.wait_frontend(&n1, &format!("{ip1}:30100/TCP"), 1).await;
+
+    let outside = From::Outside.netns(&lab);
+    let check = |ip: Ipv4Addr| http_get_status(&outside, SocketAddr::from((ip, 32100)), "/healthz");
+    let (code, body) = check(ip1);
+    assert_eq!(code, 200, "{n1} has a ready endpoint: {body}");
+    let json: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(json["localEndpoints"], 1, "{body}");
+    assert_eq!(json["service"]["name"], "checked", "{body}");
+    let (code, body) = check(ip2);
+    assert_eq!(code, 503, "{n2} has none: {body}");
+    for ip in [ip1, ip2] {
+        let (code, body) = http_get_status(&outside, SocketAddr::from((ip, 10256)), "/healthz");
+        assert_eq!(code, 200, "node health on {ip}: {body}");
+        assert!(body.contains("lastUpdated"), "{body}");
+    }
+
+    lab.mark_terminating("default", "checked-1")
+        .expect("terminating");
+    lab.wait_frontend_in(&n1, &format!("{ip1}:30100/TCP"), 1, "terminating")
+        .await;
+    let (code, body) = check(ip1);
+    assert_eq!(
+        code, 503,
+        "only a terminating endpoint: the node drains: {body}"
+    );
+    println!(
+        "health check node port: 200 with a ready local endpoint, 503 without, 503 when it terminates"
     );
     lab.down().await;
 }

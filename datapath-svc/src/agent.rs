@@ -151,6 +151,10 @@ pub struct Agent {
     pub addresses: RwLock<AddressBook>,
     /// Recent flow events and the live feed.
     pub flows: FlowLog,
+    /// The health check node ports of Services with local traffic policy.
+    pub health_checks: crate::health::HealthChecks,
+    /// Whether the maps are programmed and recent (kube-proxy's healthz).
+    pub node_health: Arc<crate::health::NodeHealth>,
     /// Pods whose host ports may have changed (`namespace/name`).
     hostports_dirty: tokio::sync::mpsc::UnboundedSender<String>,
     identity: IdentityClient<Channel>,
@@ -175,6 +179,7 @@ pub struct AgentParts {
     pub identity: IdentityClient<Channel>,
     pub hostports_dirty: tokio::sync::mpsc::UnboundedSender<String>,
     pub policy: PolicySync,
+    pub health_checks: crate::health::HealthChecks,
 }
 
 impl Agent {
@@ -206,6 +211,8 @@ impl Agent {
             addresses: RwLock::new(AddressBook::default()),
             flows: FlowLog::new(4096),
             hostports_dirty: p.hostports_dirty,
+            health_checks: p.health_checks,
+            node_health: Arc::default(),
             identity: p.identity,
             attach_locks: Mutex::new(HashMap::new()),
         }

@@ -84,6 +84,7 @@ impl LbController {
                     kind: Some(resource::Kind::Service(svc)),
                 }) = mirror.get(&ObjKey::new(Kind::Service, ns, name))
                 else {
+                    agent.health_checks.set(&format!("{ns}/{name}"), None);
                     return Vec::new();
                 };
                 let key = (ns.clone(), name.clone());
@@ -101,6 +102,10 @@ impl LbController {
                         }
                     })
                     .collect();
+                agent.health_checks.set(
+                    &format!("{ns}/{name}"),
+                    lb::health_check(&svc, slices.iter(), &agent.config.view),
+                );
                 lb::service_frontends(&svc, slices.iter(), &agent.config.view)
             }
             Owner::HostPorts(pod) => {
@@ -155,6 +160,11 @@ impl LbController {
     /// Recomputes everything and removes what is not wanted. Used at start
     /// and after each full snapshot.
     pub fn full_sync(&mut self, agent: &Agent, mirror: &Mirror) -> anyhow::Result<usize> {
+        agent.node_health.queued();
+        agent.health_checks.retain(|key| {
+            let (ns, name) = key.split_once('/').unwrap_or(("", key));
+            mirror.get(&ObjKey::new(Kind::Service, ns, name)).is_some()
+        });
         self.slices.clear();
         for (key, r) in mirror.of_kind(Kind::EndpointSlice) {
             if let Some(svc) = slice_service(&r) {
@@ -177,6 +187,7 @@ impl LbController {
         }
         lb.retain(|f| desired.contains_key(f))?;
         agent.metrics.lb_frontends.set(lb.programmed().len() as i64);
+        agent.node_health.updated();
         Ok(desired.len())
     }
 
@@ -235,6 +246,7 @@ impl LbController {
         mirror: &Mirror,
         dirty: BTreeSet<Owner>,
     ) -> anyhow::Result<()> {
+        agent.node_health.queued();
         let mut lb = agent.lb.lock().unwrap_or_else(|p| p.into_inner());
         for owner in dirty {
             let fes = self.desired_for(agent, mirror, &owner);
@@ -261,6 +273,7 @@ impl LbController {
             }
         }
         agent.metrics.lb_frontends.set(lb.programmed().len() as i64);
+        agent.node_health.updated();
         Ok(())
     }
 }

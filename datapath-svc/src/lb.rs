@@ -323,6 +323,41 @@ pub fn service_frontends<'a>(
     out
 }
 
+/// The health check a node serves for a Service: LoadBalancer Services
+/// with `externalTrafficPolicy: Local` and a `healthCheckNodePort`, with
+/// the count of this node's ready endpoints (distinct addresses; serving
+/// but terminating ones do not count, so the node is drained).
+pub fn health_check<'a>(
+    svc: &Service,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    node: &NodeView,
+) -> Option<crate::health::HealthCheck> {
+    let meta = svc.meta.as_ref()?;
+    let port = u16::try_from(svc.health_check_node_port)
+        .ok()
+        .filter(|p| *p != 0)?;
+    if svc.r#type() != ServiceType::LoadBalancer
+        || svc.external_traffic_policy() != TrafficPolicy::Local
+        || NOT_PROXIED_LABELS
+            .iter()
+            .any(|l| meta.labels.contains_key(*l))
+    {
+        return None;
+    }
+    let local: BTreeSet<&str> = slices
+        .into_iter()
+        .flat_map(|s| s.endpoints.iter())
+        .filter(|ep| ep.ready && ep.node_name == node.name)
+        .flat_map(|ep| ep.addresses.iter().map(String::as_str))
+        .collect();
+    Some(crate::health::HealthCheck {
+        port,
+        namespace: meta.namespace.clone(),
+        name: meta.name.clone(),
+        local_endpoints: local.len(),
+    })
+}
+
 /// The HostPort frontends of a pod on this node: each container port with a
 /// hostPort, on the given host address or every node address. `extra` adds
 /// the runtime's portMappings (from CNI).

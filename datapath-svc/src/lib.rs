@@ -16,6 +16,7 @@ pub mod cni;
 pub mod control;
 pub mod endpoints;
 pub mod flows;
+pub mod health;
 pub mod lb;
 pub mod maglev;
 pub mod maps;
@@ -154,6 +155,12 @@ pub struct Args {
     /// the wire (some service meshes).
     #[arg(long, env = "WEFT_SOCKET_LB_HOST_NAMESPACE_ONLY", default_value_t = false, action = clap::ArgAction::Set)]
     pub socket_lb_host_namespace_only: bool,
+
+    /// Where to serve kube-proxy's node health endpoint (`/healthz`,
+    /// `/livez`: 200 while the datapath is programmed and recent), for
+    /// load balancers and monitoring that check it; empty serves none.
+    #[arg(long, env = "WEFT_HEALTHZ_LISTEN", default_value = "0.0.0.0:10256")]
+    pub healthz_listen: String,
 
     /// The cgroup v2 hierarchy the socket programs attach to; empty finds it.
     #[arg(long, env = "WEFT_CGROUP_ROOT", default_value = "")]
@@ -335,6 +342,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         identity,
         hostports_dirty: hostports_tx,
         policy,
+        health_checks: health::HealthChecks::new(shutdown.token()),
     }));
 
     *agent.allocations.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -394,6 +402,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     ];
     let metrics_task =
         weft_common::metrics::spawn(args.common.metrics_addr()?, registry, token.clone());
+    let healthz_task = match args.healthz_listen.trim() {
+        "" => None,
+        addr => {
+            let addr: SocketAddr = addr
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--healthz-listen {addr:?}: {e}"))?;
+            let health = agent.node_health.clone();
+            let token = token.clone();
+            Some(tokio::spawn(async move {
+                if let Err(e) = health.serve(addr, token).await {
+                    tracing::error!(error = %format!("{e:#}"), "node health endpoint stopped");
+                }
+            }))
+        }
+    };
 
     let cni = GrpcServer::new()
         .add_service(CniServer::new(cni::CniService::new(agent.clone())))
@@ -411,6 +434,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(m) = metrics_task {
         let _ = m.await;
+    }
+    if let Some(h) = healthz_task {
+        let _ = h.await;
     }
     agent.store.flush().await?;
     tracing::info!("datapath-svc stopped; programs and maps stay pinned and keep forwarding");

@@ -326,6 +326,10 @@ pub fn service(svc: &core::Service) -> Result<pb::Resource> {
             spec.internal_traffic_policy.as_deref(),
         )? as i32,
         selector: to_map(spec.selector.as_ref()),
+        health_check_node_port: optional_port(
+            "spec.healthCheckNodePort".to_string(),
+            spec.health_check_node_port,
+        )?,
     })))
 }
 
