@@ -43,7 +43,7 @@ for p in $pkg k8s.io/client-go/pkg/version; do
   ldflags+=" -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
 done
 
-export CGO_ENABLED=0 GOFLAGS=-mod=mod
+export CGO_ENABLED=0 GOFLAGS=-mod=readonly
 cd "$module"
 for name in "${wanted[@]}"; do
   [ -x "$bin/$name" ] && continue

@@ -78,7 +78,7 @@ rootfs_for() {
       ln -s agnhost "$root/agnhost-2"
       install -D -m 0755 "$bin/coredns" "$root/coredns"
       local src
-      src=$(cd "$here/upstream" && GOFLAGS=-mod=mod go list -m -f '{{.Dir}}' k8s.io/kubernetes)/test/images/agnhost
+      src=$(cd "$here/upstream" && GOFLAGS=-mod=readonly go list -m -f '{{.Dir}}' k8s.io/kubernetes)/test/images/agnhost
       install -m 0644 "$src/porter/localhost.crt" "$src/porter/localhost.key" "$root/"
       mkdir -p "$root/uploads"
       rootfs_tools "$root"
