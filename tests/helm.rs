@@ -233,16 +233,7 @@ fn non_default_values_reach_the_rendered_manifests() {
             (name(d), granted)
         })
         .collect();
-    let declared = |access: &[weft_k8s::access::Access]| -> BTreeSet<(String, String, String)> {
-        access
-            .iter()
-            .flat_map(|a| {
-                a.verbs
-                    .iter()
-                    .map(|v| (a.group.to_string(), a.resource.to_string(), v.to_string()))
-            })
-            .collect()
-    };
+    let declared = weft_k8s::access::triples;
     assert_eq!(
         roles["weft-svc-watcher"],
         declared(svc_watcher::source::kubernetes::API_ACCESS)

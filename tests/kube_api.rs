@@ -20,8 +20,8 @@ use std::{
 
 use tokio_util::sync::CancellationToken;
 use weft_common::watch::Mirror;
-use weft_e2e::{bin_dir, eventually, kube::http_get, require_root};
-use weft_k8s::access::Access;
+use weft_e2e::{bin_dir, eventually, kube::watcher_relists, require_root};
+use weft_k8s::access::{Access, triples};
 use weft_lab::{
     client::channel_in,
     kube::{
@@ -123,33 +123,12 @@ impl Api {
 
 impl Drop for Api {
     fn drop(&mut self) {
-        let cfg = self.0.cfg.clone();
-        let _ = std::thread::spawn(move || {
-            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                let _ = rt.block_on(Cluster::clean(&cfg));
-            }
-        })
-        .join();
+        weft_e2e::kube::clean_on_drop(&self.0.cfg);
     }
 }
 
 fn cp(api: &Api) -> PathBuf {
     netns_path(&api.0.cp_netns())
-}
-
-/// (group, resource, verb) triples.
-fn triples(access: &[Access]) -> BTreeSet<(String, String, String)> {
-    access
-        .iter()
-        .flat_map(|a| {
-            a.verbs
-                .iter()
-                .map(|v| (a.group.to_string(), a.resource.to_string(), v.to_string()))
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -384,13 +363,7 @@ spec:
 "#;
 
 async fn relists(api: &Api) -> u64 {
-    let text = http_get(&cp(api), SocketAddr::from((CP_ADDR, 9410)), "/metrics")
-        .await
-        .expect("svc-watcher metrics");
-    text.lines()
-        .filter(|l| l.starts_with("weft_watcher_relists_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+    watcher_relists(&cp(api), SocketAddr::from((CP_ADDR, 9410))).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -762,14 +762,11 @@ async fn kubelet_and_containerd_restarts_change_nothing(
 
 /// svc-watcher's relist counter, from its metrics.
 async fn relists(c: &TestCluster, w: &Workload) -> u64 {
-    let addr = SocketAddr::from((w.nodes[0].1, 9410));
-    let text = weft_e2e::kube::http_get(&netns_path(&c.cp_netns()), addr, "/metrics")
-        .await
-        .expect("svc-watcher metrics");
-    text.lines()
-        .filter(|l| l.starts_with("weft_watcher_relists_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+    weft_e2e::kube::watcher_relists(
+        &netns_path(&c.cp_netns()),
+        SocketAddr::from((w.nodes[0].1, 9410)),
+    )
+    .await
 }
 
 /// The API server stops; etcd moves on and is compacted past every

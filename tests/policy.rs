@@ -113,38 +113,47 @@ fn reach(lab: &TestLab, ns: &str, pod: &str, addr: SocketAddr) -> Option<String>
     .expect("ran in the pod")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn network_policy_by_identity_with_flows_and_status() {
-    let lab = TestLab::up("network_policy", 2).await;
-    let nodes = lab.node_names();
-    let (n1, n2) = (nodes[0].clone(), nodes[1].clone());
+/// Applies the namespaces and one pod per (namespace, name, app, node),
+/// waits for them and returns their addresses by name.
+async fn start_pods(
+    lab: &TestLab,
+    pods: &[(&'static str, &'static str, &str, &str)],
+) -> std::collections::BTreeMap<&'static str, Ipv4Addr> {
     lab.manifests
         .apply_yaml("namespaces.yaml", NAMESPACES)
         .expect("apply");
-    for (ns, name, app, node) in [
-        ("default", "web", "web", &n1),
-        ("team-a", "client-a", "client", &n2),
-        ("team-b", "client-b", "client", &n1),
-        ("default", "client-d", "client-d", &n2),
-    ] {
+    for (ns, name, app, node) in pods {
         lab.manifests
             .apply_yaml(&format!("pod-{ns}-{name}.yaml"), &pod(ns, name, app, node))
             .expect("apply");
     }
     let mut ips = std::collections::BTreeMap::new();
-    for (ns, name) in [
-        ("default", "web"),
-        ("team-a", "client-a"),
-        ("team-b", "client-b"),
-        ("default", "client-d"),
-    ] {
+    for (ns, name, _, _) in pods {
         ips.insert(
-            name,
+            *name,
             lab.wait_pod_ready(ns, name, Duration::from_secs(60))
                 .await
                 .expect("ready"),
         );
     }
+    ips
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_policy_by_identity_with_flows_and_status() {
+    let lab = TestLab::up("network_policy", 2).await;
+    let nodes = lab.node_names();
+    let (n1, n2) = (nodes[0].clone(), nodes[1].clone());
+    let ips = start_pods(
+        &lab,
+        &[
+            ("default", "web", "web", &n1),
+            ("team-a", "client-a", "client", &n2),
+            ("team-b", "client-b", "client", &n1),
+            ("default", "client-d", "client-d", &n2),
+        ],
+    )
+    .await;
     let web = SocketAddr::from((ips["web"], 8080));
     // Before any policy every client gets in.
     for (ns, client) in [
@@ -374,27 +383,15 @@ async fn ip_blocks_cover_pod_addresses_and_excepts_carve_them_out() {
     let lab = TestLab::up("ip_blocks_pods", 2).await;
     let nodes = lab.node_names();
     let (n1, n2) = (nodes[0].clone(), nodes[1].clone());
-    lab.manifests
-        .apply_yaml("namespaces.yaml", NAMESPACES)
-        .expect("apply");
-    for (ns, name, app, node) in [
-        ("default", "web", "web", &n1),
-        ("team-b", "near", "client", &n1),
-        ("team-b", "far", "client", &n2),
-    ] {
-        lab.manifests
-            .apply_yaml(&format!("pod-{ns}-{name}.yaml"), &pod(ns, name, app, node))
-            .expect("apply");
-    }
-    let mut ips = std::collections::BTreeMap::new();
-    for (ns, name) in [("default", "web"), ("team-b", "near"), ("team-b", "far")] {
-        ips.insert(
-            name,
-            lab.wait_pod_ready(ns, name, Duration::from_secs(60))
-                .await
-                .expect("ready"),
-        );
-    }
+    let ips = start_pods(
+        &lab,
+        &[
+            ("default", "web", "web", &n1),
+            ("team-b", "near", "client", &n1),
+            ("team-b", "far", "client", &n2),
+        ],
+    )
+    .await;
     let web = SocketAddr::from((ips["web"], 8080));
     let ingress = |name: &str, block: &str| {
         format!(

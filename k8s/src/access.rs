@@ -15,3 +15,16 @@ pub struct Access {
 
 /// What a kube-rs `watcher` does: a list, then a watch from its version.
 pub const WATCH: &[&str] = &["list", "watch"];
+
+/// Every (group, resource, verb) the lists name, for comparing with RBAC
+/// rules.
+pub fn triples(access: &[Access]) -> std::collections::BTreeSet<(String, String, String)> {
+    access
+        .iter()
+        .flat_map(|a| {
+            a.verbs
+                .iter()
+                .map(|v| (a.group.to_string(), a.resource.to_string(), v.to_string()))
+        })
+        .collect()
+}

@@ -103,17 +103,7 @@ impl Drop for TestCluster {
         if std::thread::panicking() {
             self.print_logs();
         }
-        // On a thread of its own: this may run inside the test's runtime.
-        let cfg = self.cluster.cfg.clone();
-        let _ = std::thread::spawn(move || {
-            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                let _ = rt.block_on(Cluster::clean(&cfg));
-            }
-        })
-        .join();
+        clean_on_drop(&self.cluster.cfg);
     }
 }
 
@@ -166,4 +156,31 @@ pub async fn http_get(netns: &Path, addr: SocketAddr, path: &str) -> anyhow::Res
         })
     })
     .await?
+}
+
+/// svc-watcher's relist count (every kind), from its metrics at `addr`,
+/// read from inside `netns`.
+pub async fn watcher_relists(netns: &Path, addr: SocketAddr) -> u64 {
+    let text = http_get(netns, addr, "/metrics")
+        .await
+        .expect("svc-watcher metrics");
+    text.lines()
+        .filter(|l| l.starts_with("weft_watcher_relists_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Removes a cluster from a `Drop`: on a thread of its own, with a
+/// runtime of its own, since the drop may run inside the test's runtime.
+pub fn clean_on_drop(cfg: &weft_lab::kube::KubeConfig) {
+    let cfg = cfg.clone();
+    let _ = std::thread::spawn(move || {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            let _ = rt.block_on(Cluster::clean(&cfg));
+        }
+    })
+    .join();
 }

@@ -446,7 +446,7 @@ fn echo_once(s: &mut TcpStream, round: u64, conn: usize) -> std::io::Result<()> 
 pub mod netexec {
     use std::{
         io::{BufRead as _, BufReader, Read as _, Write as _},
-        net::{SocketAddr, TcpStream, UdpSocket},
+        net::{SocketAddr, TcpStream},
         time::Duration,
     };
 
@@ -512,17 +512,9 @@ pub mod netexec {
 
     /// The UDP `hostname` command from a fresh socket.
     pub fn udp_hostname(addr: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
-        let s = UdpSocket::bind("0.0.0.0:0")?;
-        s.set_read_timeout(Some(timeout))?;
-        s.send_to(b"hostname", addr)?;
-        let mut buf = [0u8; 512];
-        let (n, from) = s
-            .recv_from(&mut buf)
-            .with_context(|| format!("no UDP reply from {addr}"))?;
-        if from != addr {
-            bail!("UDP reply came from {from}, not {addr}: reverse translation failed");
-        }
-        let name = String::from_utf8_lossy(&buf[..n]).trim().to_string();
+        let name = weft_lab::podserver::udp_ask(addr, b"hostname", timeout)?
+            .trim()
+            .to_string();
         if name.is_empty() {
             bail!("empty UDP reply from {addr}");
         }

@@ -125,22 +125,26 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weft_policy_ct SEC(".maps");
 
-static __always_inline __u32 ipcache_identity(__be32 addr)
+/* The identity the longest prefix of `map` holding `addr` gives it, or
+ * `none`. */
+static __always_inline __u32 prefix_identity(void *map, __be32 addr, __u32 none)
 {
 	struct ipcache_key key = { .prefixlen = 32, .addr = addr };
-	struct ipcache_entry *e = bpf_map_lookup_elem(&weft_ipcache, &key);
+	struct ipcache_entry *e = bpf_map_lookup_elem(map, &key);
 
-	return e ? e->identity : IDENTITY_WORLD;
+	return e ? e->identity : none;
+}
+
+static __always_inline __u32 ipcache_identity(__be32 addr)
+{
+	return prefix_identity(&weft_ipcache, addr, IDENTITY_WORLD);
 }
 
 /* The CIDR identity of the most specific ipBlock prefix holding `addr`;
  * 0 when none does. */
 static __always_inline __u32 ipcache_cidr_identity(__be32 addr)
 {
-	struct ipcache_key key = { .prefixlen = 32, .addr = addr };
-	struct ipcache_entry *e = bpf_map_lookup_elem(&weft_ipcache_cidr, &key);
-
-	return e ? e->identity : 0;
+	return prefix_identity(&weft_ipcache_cidr, addr, 0);
 }
 
 /* Whether the endpoint's policy lets `peer` reach `proto`/`dport` in

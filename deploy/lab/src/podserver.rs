@@ -106,9 +106,21 @@ pub fn tcp_who(addr: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
 /// One UDP datagram from a fresh socket (a fresh source port, so a fresh
 /// flow): the name of the pod that answered.
 pub fn udp_who(addr: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
+    let reply = udp_ask(addr, b"who\n", timeout)?;
+    Ok(reply
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// Sends `request` in one datagram from a fresh socket and returns the
+/// answer, which must come from `addr` itself (a reply from the backend's
+/// address means reverse translation failed).
+pub fn udp_ask(addr: SocketAddr, request: &[u8], timeout: Duration) -> anyhow::Result<String> {
     let s = UdpSocket::bind("0.0.0.0:0")?;
     s.set_read_timeout(Some(timeout))?;
-    s.send_to(b"who\n", addr)?;
+    s.send_to(request, addr)?;
     let mut buf = [0u8; 512];
     let (n, from) = s
         .recv_from(&mut buf)
@@ -116,12 +128,7 @@ pub fn udp_who(addr: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
     if from != addr {
         bail!("UDP reply came from {from}, not {addr}: reverse translation failed");
     }
-    let reply = String::from_utf8_lossy(&buf[..n]);
-    Ok(reply
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string())
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
 /// Opens a `bytes N` download over TCP; the returned stream has read the

@@ -12,6 +12,20 @@ use crate::net::CP_ADDR;
 pub const API_PORT: u16 = 6443;
 const ETCD_CLIENT: &str = "http://127.0.0.1:2379";
 
+/// A controller's kubeconfig, for its API calls and for checking who
+/// calls its own endpoints.
+fn kubeconfig_flags(pki: &super::pki::Pki, name: &str) -> Vec<String> {
+    let config = pki.kubeconfig(name).display().to_string();
+    [
+        "--kubeconfig",
+        "--authentication-kubeconfig",
+        "--authorization-kubeconfig",
+    ]
+    .iter()
+    .map(|flag| format!("{flag}={config}"))
+    .collect()
+}
+
 impl Cluster {
     pub(crate) fn control_plane_daemons(&self) -> Vec<Daemon> {
         let pki = &self.pki;
@@ -76,53 +90,40 @@ impl Cluster {
             "kube-controller-manager",
             None,
             bin("kube-controller-manager"),
-            vec![
-                format!(
-                    "--kubeconfig={}",
-                    path(&pki.kubeconfig("kube-controller-manager"))
-                ),
-                format!(
-                    "--authentication-kubeconfig={}",
-                    path(&pki.kubeconfig("kube-controller-manager"))
-                ),
-                format!(
-                    "--authorization-kubeconfig={}",
-                    path(&pki.kubeconfig("kube-controller-manager"))
-                ),
-                format!(
-                    "--service-account-private-key-file={}",
-                    path(&pki.service_account_key())
-                ),
-                format!("--root-ca-file={}", path(&pki.ca_cert())),
-                format!("--cluster-signing-cert-file={}", path(&pki.ca_cert())),
-                format!("--cluster-signing-key-file={}", path(&pki.ca_key())),
-                "--use-service-account-credentials=true".into(),
-                format!("--service-cluster-ip-range={}", self.cfg.service_cidr),
-                // weft's ipam-svc hands out node CIDRs (cluster-pool mode).
-                "--allocate-node-cidrs=false".into(),
-                "--leader-elect=false".into(),
-                "--bind-address=127.0.0.1".into(),
-                "--profiling=false".into(),
-            ],
+            [
+                kubeconfig_flags(pki, "kube-controller-manager"),
+                vec![
+                    format!(
+                        "--service-account-private-key-file={}",
+                        path(&pki.service_account_key())
+                    ),
+                    format!("--root-ca-file={}", path(&pki.ca_cert())),
+                    format!("--cluster-signing-cert-file={}", path(&pki.ca_cert())),
+                    format!("--cluster-signing-key-file={}", path(&pki.ca_key())),
+                    "--use-service-account-credentials=true".into(),
+                    format!("--service-cluster-ip-range={}", self.cfg.service_cidr),
+                    // weft's ipam-svc hands out node CIDRs (cluster-pool mode).
+                    "--allocate-node-cidrs=false".into(),
+                    "--leader-elect=false".into(),
+                    "--bind-address=127.0.0.1".into(),
+                    "--profiling=false".into(),
+                ],
+            ]
+            .concat(),
         );
         let scheduler = self.daemon(
             "kube-scheduler",
             None,
             bin("kube-scheduler"),
-            vec![
-                format!("--kubeconfig={}", path(&pki.kubeconfig("kube-scheduler"))),
-                format!(
-                    "--authentication-kubeconfig={}",
-                    path(&pki.kubeconfig("kube-scheduler"))
-                ),
-                format!(
-                    "--authorization-kubeconfig={}",
-                    path(&pki.kubeconfig("kube-scheduler"))
-                ),
-                "--leader-elect=false".into(),
-                "--bind-address=127.0.0.1".into(),
-                "--profiling=false".into(),
-            ],
+            [
+                kubeconfig_flags(pki, "kube-scheduler"),
+                vec![
+                    "--leader-elect=false".into(),
+                    "--bind-address=127.0.0.1".into(),
+                    "--profiling=false".into(),
+                ],
+            ]
+            .concat(),
         );
         vec![etcd, apiserver, controller_manager, scheduler]
     }
