@@ -907,12 +907,15 @@ impl Lab {
             .flat_map(|s| s.containers.iter())
             .flat_map(|c| c.ports.iter().flatten())
             .filter(|p| p.host_port.is_some_and(|h| h > 0))
+            // As containerd 1.6 and 1.7 write them (go-cni's struct has no
+            // JSON tags), not as the CNI spec spells them: the real runtime
+            // is what the plugin must read.
             .map(|p| {
                 serde_json::json!({
-                    "hostPort": p.host_port,
-                    "containerPort": p.container_port,
-                    "protocol": p.protocol.as_deref().unwrap_or("TCP").to_lowercase(),
-                    "hostIP": p.host_ip.clone().unwrap_or_default(),
+                    "HostPort": p.host_port,
+                    "ContainerPort": p.container_port,
+                    "Protocol": p.protocol.as_deref().unwrap_or("TCP").to_lowercase(),
+                    "HostIP": p.host_ip.clone().unwrap_or_default(),
                 })
             })
             .collect()
@@ -948,8 +951,10 @@ impl Lab {
             uid,
             port_mappings,
         } = call;
+        // The plugin's entry of the chart's config list, with the list's
+        // name and version, as containerd hands it over.
         let conf = serde_json::json!({
-            "cniVersion": "1.1.0",
+            "cniVersion": "1.0.0",
             "name": "weft",
             "type": "weft-cni",
             "socketPath": self.cni_socket(node),
