@@ -517,6 +517,10 @@ impl Cluster {
     /// containerds with everything they started, then the control plane),
     /// and removes its namespaces, cgroups and pinned eBPF objects.
     pub async fn clean(cfg: &KubeConfig) -> anyhow::Result<()> {
+        let mut cfg = cfg.clone();
+        // As many nodes as there are, whatever `cfg` says (`down` does not
+        // know how many `up` made).
+        cfg.nodes = cfg.nodes.max(Self::new(cfg.clone()).node_count());
         let cluster = Self::new(cfg.clone());
         let grace = Duration::from_secs(10);
         for node in cluster.nodes() {
@@ -539,7 +543,7 @@ impl Cluster {
         for d in cluster.control_plane_daemons().iter().rev() {
             d.stop(Signal::SIGTERM, grace).await;
         }
-        for ns in net::netns_with_prefix(&format!("{}-", cfg.name)) {
+        for ns in net::netns_with_prefix(&format!("{}-", cluster.cfg.name)) {
             net::netns_del(&ns)?;
         }
         if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf/weft") {
