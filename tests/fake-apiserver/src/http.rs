@@ -14,10 +14,11 @@ use axum::{
     response::Response,
 };
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    listener::Control,
     ops::{ApiError, Target},
     selector::{FieldSelector, LabelSelector},
     state::{EventType, Filter, Frame, Gvr, Inner, Watcher, frame},
@@ -28,6 +29,18 @@ pub(crate) struct Shared {
     pub(crate) inner: Mutex<Inner>,
     /// Cancelled to cut every open watch connection; replaced afterwards.
     pub(crate) drop_watches: Mutex<CancellationToken>,
+    /// Takes the accept loop off the network and back.
+    pub(crate) control: mpsc::UnboundedSender<Control>,
+}
+
+/// How the server comes back after [`crate::FakeApiServer::go_away`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restart {
+    /// With its event log: watches resume where they were.
+    KeepingHistory,
+    /// Without it, as an API server whose watch cache starts afresh: a
+    /// watch resuming from an earlier resourceVersion gets 410 Gone.
+    LosingHistory,
 }
 
 impl Shared {
@@ -48,6 +61,32 @@ impl Shared {
         let mut token = self.drop_watches.lock().unwrap_or_else(|p| p.into_inner());
         token.cancel();
         *token = CancellationToken::new();
+    }
+
+    pub(crate) fn set_unavailable(&self, on: bool) {
+        self.lock().unavailable = on;
+        if on {
+            self.drop_all_watches();
+        }
+    }
+
+    pub(crate) async fn go_away(&self) {
+        let (ack, done) = oneshot::channel();
+        if self.control.send(Control::Away(ack)).is_ok() {
+            let _ = done.await;
+        }
+    }
+
+    pub(crate) async fn come_back(&self, restart: Restart) -> io::Result<()> {
+        if restart == Restart::LosingHistory {
+            self.lock().compact();
+        }
+        let (ack, done) = oneshot::channel();
+        self.control
+            .send(Control::Back(ack))
+            .map_err(|_| io::Error::other("the fake API server has stopped"))?;
+        done.await
+            .map_err(|_| io::Error::other("the fake API server has stopped"))?
     }
 }
 
@@ -207,6 +246,17 @@ pub(crate) async fn handle(
     let full = uri.to_string();
     if let Some(hook) = path.strip_prefix("/__fake/") {
         return admin(&shared, &method, hook, &query(&uri));
+    }
+    {
+        let mut inner = shared.lock();
+        if inner.unavailable {
+            inner.stats.unavailable += 1;
+            return error_response(&ApiError::new(
+                503,
+                "ServiceUnavailable",
+                "the server is currently unable to handle the request (injected outage)",
+            ));
+        }
     }
     let latency = shared.lock().latency;
     if !latency.is_zero() {
@@ -595,7 +645,12 @@ fn watch_response(shared: Arc<Shared>, start: WatchStart) -> Response {
 }
 
 /// The binary's test hooks, under `/__fake/`.
-fn admin(shared: &Shared, method: &Method, hook: &str, q: &BTreeMap<String, String>) -> Response {
+fn admin(
+    shared: &Arc<Shared>,
+    method: &Method,
+    hook: &str,
+    q: &BTreeMap<String, String>,
+) -> Response {
     let num = |k: &str, default: u64| q.get(k).and_then(|v| v.parse().ok()).unwrap_or(default);
     if method != Method::POST && hook != "stats" {
         return error_response(&ApiError::new(405, "MethodNotAllowed", "use POST"));
@@ -605,6 +660,34 @@ fn admin(shared: &Shared, method: &Method, hook: &str, q: &BTreeMap<String, Stri
         "compact" => shared.lock().compact(),
         "drop-watches" => shared.drop_all_watches(),
         "latency" => shared.lock().latency = Duration::from_millis(num("ms", 0)),
+        "unavailable" => {
+            let ms = num("ms", 0);
+            shared.set_unavailable(true);
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                shared.set_unavailable(false);
+            });
+        }
+        "away" => {
+            let ms = num("ms", 0);
+            let restart = if num("restart", 0) == 1 {
+                Restart::LosingHistory
+            } else {
+                Restart::KeepingHistory
+            };
+            let shared = shared.clone();
+            // This very answer travels on a connection the outage cuts, so
+            // the outage starts just after it.
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                shared.go_away().await;
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                if let Err(e) = shared.come_back(restart).await {
+                    tracing::error!(error = %e, "fake API server: cannot listen again");
+                }
+            });
+        }
         "fail" => shared.lock().failures.push(crate::state::Failure {
             method: q.get("method").cloned(),
             path_contains: q.get("path").cloned(),
@@ -620,6 +703,7 @@ fn admin(shared: &Shared, method: &Method, hook: &str, q: &BTreeMap<String, Stri
                     "creates": s.creates, "updates": s.updates, "patches": s.patches,
                     "deletes": s.deletes, "conflicts": s.conflicts, "gone": s.gone,
                     "injected": s.injected, "bookmarks": s.bookmarks,
+                    "unavailable": s.unavailable,
                 }),
             );
         }

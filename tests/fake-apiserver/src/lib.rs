@@ -30,8 +30,18 @@
 //! [`FakeApiServer::fail_next`]. The binary offers the same under
 //! `POST /__fake/{gone,compact,drop-watches,latency,fail}` and
 //! `GET /__fake/stats`.
+//!
+//! Outages, as clients meet them: [`FakeApiServer::set_unavailable`] (every
+//! request answered `503 ServiceUnavailable`, open watches cut, as from a
+//! server whose storage is gone), [`FakeApiServer::go_away`] and
+//! [`FakeApiServer::come_back`] (connections cut and refused, as from a
+//! stopped process; with `Restart::LosingHistory` the server comes back
+//! without its watch cache, so resuming from an earlier resourceVersion gets
+//! 410 Gone). The binary offers timed versions under
+//! `POST /__fake/unavailable?ms=N` and `POST /__fake/away?ms=N[&restart=1]`.
 
 mod http;
+mod listener;
 mod ops;
 mod patch;
 mod selector;
@@ -45,8 +55,10 @@ use std::{
 };
 
 use serde_json::Value;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use http::Restart;
 pub use ops::ApiError;
 pub use state::{Failure, Stats};
 
@@ -93,9 +105,11 @@ impl FakeApiServer {
     pub async fn start_with(addr: SocketAddr, options: Options) -> std::io::Result<Self> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
+        let (control, control_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner::new(options.log_limit, options.bookmark_interval)),
             drop_watches: Mutex::new(CancellationToken::new()),
+            control,
         });
         let stop = CancellationToken::new();
         let app = axum::Router::new().fallback({
@@ -104,20 +118,7 @@ impl FakeApiServer {
                 http::handle(shared.clone(), method, uri, headers, body)
             }
         });
-        let token = stop.clone();
-        let watches = shared.clone();
-        tokio::spawn(async move {
-            let shutdown = async move {
-                token.cancelled().await;
-                watches.drop_all_watches();
-            };
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-            {
-                tracing::error!(error = %e, "fake API server stopped");
-            }
-        });
+        tokio::spawn(listener::run(listener, app, control_rx, stop.clone()));
         Ok(Self { shared, addr, stop })
     }
 
@@ -173,6 +174,28 @@ impl FakeApiServer {
     /// are used up.
     pub fn fail_next(&self, failure: Failure) {
         self.shared.lock().failures.push(failure);
+    }
+
+    /// While `on`, every API request is answered `503 ServiceUnavailable`
+    /// (the hooks and the test's own reads and writes still work); turning
+    /// it on cuts every open watch, as a server losing its storage does.
+    pub fn set_unavailable(&self, on: bool) {
+        self.shared.set_unavailable(on);
+    }
+
+    /// Takes the server off the network: every open connection is cut and
+    /// new ones are refused until [`FakeApiServer::come_back`]. Returns once
+    /// the port refuses connections. Objects can still be changed through
+    /// the test's own calls meanwhile.
+    pub async fn go_away(&self) {
+        self.shared.go_away().await;
+    }
+
+    /// Listens again on the same port; with [`Restart::LosingHistory`] the
+    /// event log is gone first, so a watch resuming from before now gets
+    /// 410 Gone and must list again. Returns once connections are accepted.
+    pub async fn come_back(&self, restart: Restart) -> std::io::Result<()> {
+        self.shared.come_back(restart).await
     }
 
     /// Forgets every injected failure not yet used.

@@ -231,6 +231,8 @@ pub struct Stats {
     /// Failures injected by [`crate::FakeApiServer::fail_next`].
     pub injected: u64,
     pub bookmarks: u64,
+    /// Requests answered 503 during [`crate::FakeApiServer::set_unavailable`].
+    pub unavailable: u64,
 }
 
 /// An injected failure.
@@ -260,6 +262,8 @@ pub(crate) struct Inner {
     pub(crate) stats: Stats,
     pub(crate) gone_next: usize,
     pub(crate) failures: Vec<Failure>,
+    /// Every API request gets 503 while set.
+    pub(crate) unavailable: bool,
     pub(crate) latency: Duration,
     pub(crate) bookmark_interval: Duration,
 }
@@ -278,6 +282,7 @@ impl Inner {
             stats: Stats::default(),
             gone_next: 0,
             failures: Vec::new(),
+            unavailable: false,
             latency: Duration::ZERO,
             bookmark_interval,
         };

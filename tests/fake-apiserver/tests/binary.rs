@@ -94,4 +94,22 @@ async fn the_binary_serves_crds_discovery_and_hooks() {
     let (code, status) = http(&addr, "GET", "/apis/weft.io/v1alpha1/nodecidrs/missing").await;
     assert_eq!(code, 404);
     assert_eq!(status["reason"], "NotFound");
+
+    // Timed outages: 503 for a while, then away (refused) for a while.
+    let (code, _) = http(&addr, "POST", "/__fake/unavailable?ms=300").await;
+    assert_eq!(code, 200);
+    let (code, status) = http(&addr, "GET", "/api/v1/namespaces").await;
+    assert_eq!(
+        (code, status["reason"].as_str()),
+        (503, Some("ServiceUnavailable"))
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(http(&addr, "GET", "/api/v1/namespaces").await.0, 200);
+    let (code, _) = http(&addr, "POST", "/__fake/away?ms=400").await;
+    assert_eq!(code, 200);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let refused = tokio::net::TcpStream::connect(&addr).await;
+    assert!(refused.is_err(), "still accepting while away");
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    assert_eq!(http(&addr, "GET", "/api/v1/namespaces").await.0, 200);
 }

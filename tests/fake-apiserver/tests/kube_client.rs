@@ -201,3 +201,95 @@ async fn kube_watcher_relists_after_gone_and_drops() {
     assert_eq!(relisted, vec!["b".to_string()]);
     assert!(server.stats().gone >= 1);
 }
+
+/// A client without kube's own retry layer, so an outage shows at once.
+async fn bare_client(server: &FakeApiServer) -> Client {
+    let mut config = kube::Config::new(server.url().parse().unwrap());
+    config.default_retry = false;
+    Client::try_from(config).unwrap()
+}
+
+#[tokio::test]
+async fn outages_answer_503_refuse_connections_and_restart_without_history() {
+    let server = FakeApiServer::start().await.unwrap();
+    let api: Api<Namespace> = Api::all(bare_client(&server).await);
+    let ns = |n: &str| json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}});
+    server.apply(ns("a")).unwrap();
+    let rv = api
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let mut wp = WatchParams::default().timeout(30);
+    wp.bookmarks = true;
+    let mut open = api.watch(&wp, &rv).await.unwrap().boxed();
+
+    // 503 for everything, and the open watch is cut.
+    server.set_unavailable(true);
+    let err = api.list(&ListParams::default()).await.unwrap_err();
+    assert!(
+        matches!(&err, kube::Error::Api(s) if s.code == 503),
+        "{err}"
+    );
+    let cut = tokio::time::timeout(Duration::from_secs(3), async {
+        while let Some(Ok(_)) = open.next().await {}
+    })
+    .await;
+    assert!(cut.is_ok(), "the open watch was not cut");
+    assert!(server.stats().unavailable >= 1);
+    server.set_unavailable(false);
+    api.list(&ListParams::default()).await.unwrap();
+
+    // Away: connections are refused, at the TCP level.
+    let mut open = api.watch(&wp, &rv).await.unwrap().boxed();
+    server.go_away().await;
+    let refused = tokio::net::TcpStream::connect(server.addr()).await;
+    assert_eq!(
+        refused.map(|_| ()).unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
+    let cut = tokio::time::timeout(Duration::from_secs(3), async {
+        while let Some(Ok(_)) = open.next().await {}
+    })
+    .await;
+    assert!(cut.is_ok(), "the open watch was not cut");
+    assert!(api.list(&ListParams::default()).await.is_err());
+    // Writes meanwhile (the test's own) are there on return; a resume from
+    // before them sees them, since the history was kept.
+    server.apply(ns("b")).unwrap();
+    server
+        .come_back(weft_fake_apiserver::Restart::KeepingHistory)
+        .await
+        .unwrap();
+    let mut resumed = api.watch(&wp, &rv).await.unwrap().boxed();
+    let added = resumed.next().await.unwrap().unwrap();
+    assert!(
+        matches!(&added, WatchEvent::Added(n) if n.metadata.name.as_deref() == Some("b")),
+        "{added:?}"
+    );
+
+    // A restart that loses the watch cache: resuming from before it is 410.
+    server.go_away().await;
+    server.apply(ns("c")).unwrap();
+    server
+        .come_back(weft_fake_apiserver::Restart::LosingHistory)
+        .await
+        .unwrap();
+    let mut stale = api.watch(&wp, &rv).await.unwrap().boxed();
+    let gone = stale.next().await.unwrap().unwrap();
+    assert!(
+        matches!(&gone, WatchEvent::Error(e) if e.code == 410),
+        "{gone:?}"
+    );
+    let names: Vec<String> = api
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|n| n.metadata.name)
+        .collect();
+    assert_eq!(names, ["a", "b", "c"]);
+}
