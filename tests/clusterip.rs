@@ -3,7 +3,7 @@
 //! the real CNI plugin binary.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
 };
@@ -137,6 +137,9 @@ async fn clusterip_balances_tcp_and_udp_and_follows_backend_removal() {
     lab.down().await;
 }
 
+/// Each port describes exactly what it serves: its own API, health and
+/// reflection, and no other weft API a call to which would answer
+/// `Unimplemented`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_service_lists_its_api_and_health_through_reflection() {
     let lab = TestLab::up("grpcurl_reflection", 1).await;
@@ -153,11 +156,13 @@ async fn every_service_lists_its_api_and_health_through_reflection() {
         let (status, out, err) = run_in_netns(netns, &grpcurl, &["-plaintext", &addr, "list"]);
         assert!(status.success(), "grpcurl list {addr}: {err}");
         println!("grpcurl -plaintext {addr} list\n{out}");
-        assert!(out.lines().any(|l| l == api), "{api} listed: {out}");
-        assert!(
-            out.lines().any(|l| l == "grpc.health.v1.Health"),
-            "health listed: {out}"
-        );
+        let listed: BTreeSet<&str> = out.lines().collect();
+        let expected = BTreeSet::from([
+            api,
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+        ]);
+        assert_eq!(listed, expected, "services listed on {addr}");
         let (status, out, err) = run_in_netns(
             netns,
             &grpcurl,
@@ -168,6 +173,31 @@ async fn every_service_lists_its_api_and_health_through_reflection() {
             "health check {addr}: {out} {err}"
         );
     }
+    // The CNI socket serves the plugin's API only.
+    let socket = lab.cni_socket(&node);
+    let (status, out, err) = run_in_netns(
+        &node,
+        &grpcurl,
+        &[
+            "-plaintext",
+            "-authority",
+            "localhost",
+            "-unix",
+            socket.to_str().expect("utf-8 path"),
+            "list",
+        ],
+    );
+    assert!(status.success(), "grpcurl list on the CNI socket: {err}");
+    let listed: BTreeSet<&str> = out.lines().collect();
+    assert_eq!(
+        listed,
+        BTreeSet::from([
+            "weft.datapath.v1.Cni",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+        ]),
+        "services listed on the CNI socket"
+    );
     lab.down().await;
 }
 

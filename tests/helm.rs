@@ -12,11 +12,15 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
-    process::{Command, Output},
+    process::Command,
 };
 
 use serde_yaml::Value;
-use weft_e2e::{bin_dir, tool};
+use weft_e2e::{
+    bin_dir,
+    chart::{NAMESPACE, chart, find, helm, kind, name, render, render_text, repo, run},
+    tool,
+};
 
 #[path = "../common/tests/pki/mod.rs"]
 mod pki;
@@ -24,18 +28,6 @@ mod pki;
 /// A Kubernetes version kubernetes-validate bundles schemas for, and one
 /// that has the gRPC probes the chart uses.
 const KUBERNETES_VERSION: &str = "1.32.0";
-const NAMESPACE: &str = "kube-system";
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("repository root")
-        .to_path_buf()
-}
-
-fn chart() -> PathBuf {
-    repo().join("deploy/helm/weft")
-}
 
 /// The values files the chart is checked with: the defaults, and one that
 /// changes every setting.
@@ -47,85 +39,6 @@ fn value_sets() -> Vec<(&'static str, Option<PathBuf>)> {
             Some(chart().join("ci/kube-proxy-replacement-values.yaml")),
         ),
     ]
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let shown = format!("{cmd:?}");
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {shown}: {e}"));
-    assert!(
-        out.status.success(),
-        "{shown} failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn helm(args: &[&str], values: Option<&Path>) -> Output {
-    let mut cmd = Command::new(tool("helm"));
-    cmd.args(args);
-    if let Some(v) = values {
-        cmd.arg("--values").arg(v);
-    }
-    run(&mut cmd)
-}
-
-/// `helm template` with the CRDs: each document's text, as helm wrote it.
-fn render_text(values: Option<&Path>) -> Vec<String> {
-    let chart = chart();
-    let out = helm(
-        &[
-            "template",
-            "weft",
-            chart.to_str().expect("utf-8 path"),
-            "--namespace",
-            NAMESPACE,
-            "--include-crds",
-        ],
-        values,
-    );
-    let text = String::from_utf8(out.stdout).expect("helm prints UTF-8");
-    let mut docs = vec![String::new()];
-    for line in text.lines() {
-        if line == "---" {
-            docs.push(String::new());
-        } else if let Some(doc) = docs.last_mut() {
-            doc.push_str(line);
-            doc.push('\n');
-        }
-    }
-    docs.retain(|d| {
-        d.lines()
-            .any(|l| !l.trim().is_empty() && !l.starts_with('#'))
-    });
-    docs
-}
-
-/// The rendered documents, parsed. (Validation reads helm's text instead:
-/// re-serialising would turn YAML 1.1 octals such as `defaultMode: 0400`
-/// into strings.)
-fn render(values: Option<&Path>) -> Vec<Value> {
-    render_text(values)
-        .iter()
-        .map(|doc| serde_yaml::from_str(doc).expect("helm renders valid YAML"))
-        .collect()
-}
-
-fn kind(doc: &Value) -> &str {
-    doc["kind"].as_str().unwrap_or_default()
-}
-
-fn name(doc: &Value) -> &str {
-    doc["metadata"]["name"].as_str().unwrap_or_default()
-}
-
-fn find<'a>(docs: &'a [Value], kind_: &str, name_: &str) -> &'a Value {
-    docs.iter()
-        .find(|d| kind(d) == kind_ && name(d) == name_)
-        .unwrap_or_else(|| panic!("no {kind_} {name_} rendered"))
 }
 
 #[test]
@@ -611,12 +524,7 @@ fn rendered_command_lines_are_accepted_by_the_binaries() {
 #[test]
 fn rendered_cni_config_is_one_the_plugin_accepts() {
     for (what, values) in value_sets() {
-        let docs = render(values.as_deref());
-        let text = find(&docs, "ConfigMap", "weft-config")["data"]["cni-config"]
-            .as_str()
-            .expect("cni-config")
-            .to_string();
-        let list: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+        let list = weft_e2e::chart::cni_config_list(values.as_deref());
         // A config list at a version libcni 1.1 (containerd 1.6/1.7,
         // podman 4) accepts, with weft-cni its only plugin.
         assert_eq!(list["cniVersion"], "1.0.0", "{what}");

@@ -321,7 +321,7 @@ pub fn map_call_error(command: Command, err: CallError) -> CniError {
 
     let explicit = status
         .metadata()
-        .get("cni-code")
+        .get(weft_cni_contract::CODE_METADATA_KEY)
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.trim().parse::<u32>().ok());
     let mut details = format!("gRPC status {:?} from datapath-svc", status.code());

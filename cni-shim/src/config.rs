@@ -4,8 +4,11 @@
 //! that are not a JSON object are a decode failure (6); a `cniVersion` this
 //! plugin does not speak is an incompatible version (1); a well-formed
 //! object with a missing, mistyped or out-of-range field is an invalid
-//! config (7). Fields this plugin does not know are ignored, as the spec
-//! asks of plugins that pass configs along in chains.
+//! config (7). A key that is neither the spec's nor one of weft's
+//! ([`KNOWN_KEYS`]) is refused as an unsupported field (2), naming it and
+//! the key it was probably meant to be: a misspelt `socketPath` would
+//! otherwise send every call to the default socket and fail with "try again
+//! later" for ever. (The spec lets a plugin refuse fields it does not know.)
 
 use std::{fmt, path::PathBuf, str::FromStr, time::Duration};
 
@@ -28,6 +31,89 @@ pub const SHORT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The upper bound on `timeoutSeconds`: a CNI call that hangs for minutes
 /// holds up the pod sandbox and the runtime's lock.
 pub const MAX_TIMEOUT_SECONDS: f64 = 300.0;
+
+/// The keys of weft-cni's own section of a network config list, and what
+/// each is for. Also documented, with defaults, in the README.
+pub const WEFT_KEYS: &[&str] = &[
+    "socketPath",
+    "delQueueDir",
+    "timeoutSeconds",
+    "logFile",
+    "logLevel",
+    "otlpEndpoint",
+    "mtu",
+];
+
+/// The keys the spec defines for a plugin's config, or that runtimes
+/// (libcni) add to it: the list's name and version, the ADD result for
+/// CHECK and DEL, capabilities and their runtime values, GC's attachments.
+/// Any `cni.dev/` key is the spec's too.
+const SPEC_KEYS: &[&str] = &[
+    "cniVersion",
+    "cniVersions",
+    "name",
+    "type",
+    "capabilities",
+    "runtimeConfig",
+    "args",
+    "prevResult",
+    "ipMasq",
+    "ipam",
+    "dns",
+];
+
+/// Every key the plugin accepts.
+pub fn is_known_key(key: &str) -> bool {
+    key.starts_with("cni.dev/") || SPEC_KEYS.contains(&key) || WEFT_KEYS.contains(&key)
+}
+
+/// Refuses the first key this plugin does not know, with its value and
+/// the known key it most resembles.
+fn refuse_unknown_keys(obj: &Map<String, Value>) -> Result<(), CniError> {
+    let Some((key, value)) = obj.iter().find(|(k, _)| !is_known_key(k)) else {
+        return Ok(());
+    };
+    let near = WEFT_KEYS
+        .iter()
+        .chain(SPEC_KEYS)
+        .map(|k| {
+            (
+                edit_distance(&key.to_ascii_lowercase(), &k.to_ascii_lowercase()),
+                *k,
+            )
+        })
+        .min()
+        .filter(|(d, _)| *d <= 3)
+        .map(|(_, k)| format!("; did you mean {k:?}?"))
+        .unwrap_or_default();
+    let mut shown = value.to_string();
+    if shown.len() > 80 {
+        shown = format!("{}…", shown.chars().take(80).collect::<String>());
+    }
+    Err(CniError::new(
+        code::UNSUPPORTED_FIELD,
+        format!("unknown key {key:?} in weft-cni's config (value {shown}){near}"),
+    )
+    .with_details(format!("weft-cni's own keys are {}", WEFT_KEYS.join(", "))))
+}
+
+/// Levenshtein distance, for suggesting the key meant.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
 
 /// A CNI spec version this plugin speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -203,6 +289,7 @@ pub fn parse(bytes: &[u8]) -> Result<NetConf, CniError> {
     }
 
     let cni_version = parse_version(raw_version.as_deref())?;
+    refuse_unknown_keys(&obj)?;
 
     let socket_path =
         optional_path(&obj, "socketPath")?.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET_PATH));
@@ -516,7 +603,6 @@ mod tests {
             "timeoutSeconds": 2.5,
             "args": {"labels": {"a": "b"}},
             "dns": {"nameservers": ["10.96.0.10"]},
-            "unknownField": [1, 2, 3],
             "runtimeConfig": {"portMappings": [
                 {"hostPort": 8080, "containerPort": 80, "protocol": "TCP"},
                 {"hostPort": 5353, "containerPort": 53, "protocol": "udp", "hostIP": "127.0.0.1"}
@@ -607,6 +693,47 @@ mod tests {
             assert_eq!(err.code, code::INCOMPATIBLE_VERSION, "{conf}");
             assert!(err.details.contains("1.1.0"), "{}", err.details);
         }
+    }
+
+    /// A misspelt key of weft's is refused naming it, its value and the
+    /// key meant, with code 2, instead of quietly using the default.
+    #[test]
+    fn unknown_keys_are_refused_with_a_suggestion() {
+        let err = parse_json(json!({
+            "cniVersion": "1.0.0", "name": "n", "type": "weft-cni",
+            "socketpath": "/run/other/cni.sock",
+        }))
+        .expect_err("misspelt key");
+        assert_eq!(err.code, code::UNSUPPORTED_FIELD);
+        assert!(err.msg.contains("\"socketpath\""), "{}", err.msg);
+        assert!(err.msg.contains("/run/other/cni.sock"), "{}", err.msg);
+        assert!(
+            err.msg.contains("did you mean \"socketPath\""),
+            "{}",
+            err.msg
+        );
+        let err = parse_json(json!({"cniVersion": "1.0.0", "name": "n", "colour": "blue"}))
+            .expect_err("unrelated key");
+        assert_eq!(err.code, code::UNSUPPORTED_FIELD);
+        assert!(!err.msg.contains("did you mean"), "{}", err.msg);
+    }
+
+    /// What libcni and the spec put into a plugin's config is accepted,
+    /// with every key of weft's own.
+    #[test]
+    fn spec_and_runtime_keys_are_accepted() {
+        parse_json(json!({
+            "cniVersion": "1.1.0", "name": "n", "type": "weft-cni",
+            "capabilities": {"portMappings": true},
+            "runtimeConfig": {"portMappings": []},
+            "args": {}, "prevResult": {}, "dns": {}, "ipMasq": false, "ipam": {},
+            "cni.dev/valid-attachments": [], "cni.dev/attachments": [],
+            "cni.dev/some-future-key": 1,
+            "socketPath": "/run/weft/cni.sock", "delQueueDir": "/run/weft/q",
+            "timeoutSeconds": 5, "logFile": "/var/log/weft-cni.log", "logLevel": "debug",
+            "otlpEndpoint": "http://127.0.0.1:4317", "mtu": 1450,
+        }))
+        .expect("every known key");
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //! `Cni` gRPC service over a node-local unix socket ([`client`]), and prints
 //! the result or the spec's error object ([`result`], codes in [`error`]).
 //! VERSION it answers itself. A DEL that cannot reach datapath-svc is
-//! written to an on-disk queue ([`del_queue`]) that datapath-svc replays
-//! when it starts; that module is public so datapath-svc can read it.
+//! written to an on-disk queue that datapath-svc replays when it starts;
+//! its format, like the error codes, is defined once for both in the
+//! `weft-cni-contract` crate.
 //!
 //! With `otlpEndpoint` in the config, each invocation is a span ([`trace`])
 //! that datapath-svc continues, exported before the process exits.
@@ -18,7 +19,6 @@
 pub mod client;
 pub mod commands;
 pub mod config;
-pub mod del_queue;
 pub mod env;
 pub mod error;
 pub mod logging;
@@ -27,3 +27,4 @@ pub mod trace;
 
 pub use commands::{Outcome, run};
 pub use error::CniError;
+pub use weft_cni_contract::del_queue;

@@ -19,6 +19,9 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::tls::TlsConfig;
 
+/// The standard health service's name, served by every listener.
+const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
 /// The set of gRPC services one listener serves, plus health and reflection.
 pub struct GrpcServer {
     routes: RoutesBuilder,
@@ -32,18 +35,6 @@ impl GrpcServer {
         let (health, health_service) = tonic_health::server::health_reporter();
         let mut routes = RoutesBuilder::default();
         routes.add_service(health_service);
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(weft_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .expect("the descriptor sets are compiled in and valid");
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(weft_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()
-            .expect("the descriptor sets are compiled in and valid");
-        routes.add_service(reflection_v1);
-        routes.add_service(reflection_v1alpha);
         Self {
             routes,
             health,
@@ -89,7 +80,32 @@ impl GrpcServer {
         }
     }
 
-    fn into_parts(self) -> (Routes, HealthReporter, Vec<&'static str>) {
+    /// The routes with reflection added, describing exactly the services
+    /// this listener serves (and health), not every weft API: a client
+    /// that lists services here can call each of them.
+    fn into_parts(mut self) -> (Routes, HealthReporter, Vec<&'static str>) {
+        let names = || {
+            self.names
+                .iter()
+                .copied()
+                .chain([HEALTH_SERVICE, "grpc.reflection.v1.ServerReflection"])
+        };
+        let configure = || {
+            names().fold(
+                tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(weft_proto::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+                |builder, name| builder.with_service_name(name),
+            )
+        };
+        let reflection_v1 = configure()
+            .build_v1()
+            .expect("the descriptor sets are compiled in and valid");
+        let reflection_v1alpha = configure()
+            .build_v1alpha()
+            .expect("the descriptor sets are compiled in and valid");
+        self.routes.add_service(reflection_v1);
+        self.routes.add_service(reflection_v1alpha);
         (self.routes.routes(), self.health, self.names)
     }
 

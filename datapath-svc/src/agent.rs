@@ -32,19 +32,8 @@ use crate::{
     sync::LbSync,
 };
 
-/// CNI error codes (spec 1.1, plus weft's own from 100).
-pub mod cni_code {
-    pub const UNKNOWN_CONTAINER: u32 = 3;
-    pub const INVALID_ENV: u32 = 4;
-    pub const IO_FAILURE: u32 = 5;
-    pub const INVALID_CONFIG: u32 = 7;
-    pub const TRY_AGAIN_LATER: u32 = 11;
-    pub const NOT_AVAILABLE: u32 = 50;
-    /// The node's pod CIDR has no free address.
-    pub const ADDRESSES_EXHAUSTED: u32 = 100;
-    /// Setting up the pod's network failed.
-    pub const NETWORK_SETUP: u32 = 101;
-}
+/// CNI error codes, shared with the plugin.
+pub use weft_cni_contract::code as cni_code;
 
 /// Why a CNI operation failed, with the CNI code the plugin should print.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -254,7 +243,7 @@ impl Agent {
             ),
             IpamError::Exhausted(cidr) => CniFailure::new(
                 tonic::Code::ResourceExhausted,
-                cni_code::ADDRESSES_EXHAUSTED,
+                cni_code::RESOURCE_EXHAUSTED,
                 format!("no free pod address left in {cidr}"),
             ),
             IpamError::Store(e) => {
@@ -400,7 +389,7 @@ impl Agent {
             let want = format!("{}/32", record.ip);
             if !prev.ips.is_empty() && !prev.ips.iter().any(|i| i.address == want) {
                 return Err(CniFailure::internal(
-                    cni_code::NETWORK_SETUP,
+                    cni_code::NETWORK_CHANGED,
                     format!("prevResult does not list {want}, the address the pod has"),
                 ));
             }
@@ -415,15 +404,27 @@ impl Agent {
                 format!("stored address {:?} is invalid", record.ip),
             )
         })?;
-        podnet::check(
-            &self.netlink,
-            &record.host_ifname,
-            Path::new(&record.netns),
-            &record.ifname,
+        let want = podnet::Plumbing {
+            host_ifname: record.host_ifname.clone(),
+            pod_ifname: record.ifname.clone(),
             ip,
-        )
-        .await
-        .map_err(|e| CniFailure::internal(cni_code::NETWORK_SETUP, e.to_string()))
+            mtu: record.mtu,
+            host_mac: record.host_mac.clone(),
+            pod_mac: record.pod_mac.clone(),
+        };
+        let changed = |m: String| CniFailure::internal(cni_code::NETWORK_CHANGED, m);
+        let host_index = podnet::check(&self.netlink, &want, Path::new(&record.netns))
+            .await
+            .map_err(|e| match e {
+                podnet::CheckError::Broken(m) => changed(m),
+                podnet::CheckError::Net(e) => {
+                    CniFailure::internal(cni_code::NETWORK_SETUP, e.to_string())
+                }
+            })?;
+        self.pod_programs
+            .verify(&self.netlink, host_index)
+            .await
+            .map_err(changed)
     }
 
     /// CNI GC: releases every attachment the runtime no longer knows.
@@ -517,7 +518,7 @@ impl Agent {
     /// uses, so the two never count twice). Best effort and bounded: the pod
     /// runs with `init` until the identity arrives through the watch.
     async fn allocate_identity(&self, record: &EndpointRecord) {
-        if record.pod_name.is_empty() {
+        if record.pod_name.is_empty() || record.pod_namespace.is_empty() {
             return;
         }
         let (_, labels) = self.identity_of(&record.pod_namespace, &record.pod_name);
@@ -526,7 +527,7 @@ impl Agent {
         }
         let mut request = tonic::Request::new(AllocateRequest {
             labels: labels.into_iter().collect(),
-            owner: format!("pod:{}/{}", record.pod_namespace, record.pod_name),
+            owner: format!("pod:{}", record.pod()),
         });
         request.set_timeout(std::time::Duration::from_secs(1));
         // identity-svc's span joins the trace of the CNI ADD this is part of.
@@ -573,7 +574,7 @@ impl Agent {
 
     /// Carries out the DELs the CNI plugin queued while this agent was down.
     pub async fn drain_del_queue(&self, dir: &Path) {
-        let drained = match weft_cni::del_queue::drain_dir(dir) {
+        let drained = match weft_cni_contract::del_queue::drain_dir(dir) {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!(dir = %dir.display(), error = %e, "reading the CNI DEL queue");
@@ -606,7 +607,7 @@ impl Agent {
             Some(_) => Ok(()),
             None => Err(CniFailure::new(
                 tonic::Code::Unavailable,
-                cni_code::NOT_AVAILABLE,
+                cni_code::PLUGIN_NOT_AVAILABLE,
                 format!("node {} has no pod CIDR yet", self.node),
             )),
         }
@@ -624,9 +625,39 @@ fn store_failure(e: weft_common::store::StoreError) -> CniFailure {
 /// Whether `path` is a namespace file (`/run/netns/NAME`, `/proc/PID/ns/net`):
 /// anything else would fail deep inside netlink with a message that names
 /// nothing the runtime passed.
-fn is_netns(path: &Path) -> bool {
-    const NSFS_MAGIC: i64 = 0x6e73_6673;
-    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == NSFS_MAGIC)
+/// What is wrong with `path` as a network namespace, if anything: it must
+/// exist, be readable, and be a namespace file (nsfs) of the network type,
+/// not a UTS or mount namespace or a plain file.
+fn netns_problem(path: &Path) -> Option<String> {
+    use std::os::fd::AsRawFd as _;
+    // linux/nsfs.h: _IO(0xb7, 0x3).
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Some("does not exist".into());
+        }
+        Err(e) => return Some(format!("cannot be opened: {e}")),
+    };
+    // SAFETY: the ioctl takes no argument and only reads the open file.
+    let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
+    if kind < 0 {
+        return Some(
+            "is not a namespace file (such as /proc/<pid>/ns/net or /run/netns/<name>)".into(),
+        );
+    }
+    let name = match kind {
+        libc::CLONE_NEWNET => return None,
+        libc::CLONE_NEWNS => "a mount",
+        libc::CLONE_NEWUTS => "a UTS",
+        libc::CLONE_NEWIPC => "an IPC",
+        libc::CLONE_NEWPID => "a PID",
+        libc::CLONE_NEWUSER => "a user",
+        libc::CLONE_NEWCGROUP => "a cgroup",
+        libc::CLONE_NEWTIME => "a time",
+        _ => "another kind of",
+    };
+    Some(format!("is {name} namespace, not a network namespace"))
 }
 
 /// Checks what the runtime passed, naming the offending variable.
@@ -663,15 +694,9 @@ fn validate_attachment(req: &CniRequest, needs_netns: bool) -> Result<(), CniFai
         if req.netns.is_empty() {
             return Err(CniFailure::invalid_env("netns (CNI_NETNS) is required"));
         }
-        if !Path::new(&req.netns).exists() {
+        if let Some(problem) = netns_problem(Path::new(&req.netns)) {
             return Err(CniFailure::invalid_env(format!(
-                "netns (CNI_NETNS) {} does not exist",
-                req.netns
-            )));
-        }
-        if !is_netns(Path::new(&req.netns)) {
-            return Err(CniFailure::invalid_env(format!(
-                "netns (CNI_NETNS) {} is not a network namespace",
+                "netns (CNI_NETNS) {} {problem}",
                 req.netns
             )));
         }
@@ -705,6 +730,16 @@ impl Agent {
         use weft_common::watch::ObjKey;
         use weft_proto::watcher::v1::{Kind, Resource, resource};
 
+        // A runtime that sends no K8S_POD_NAMESPACE (podman, a plain CNI
+        // caller) started a container Kubernetes does not know: it will
+        // never have labels, so it is `unmanaged` for good, not `init`
+        // waiting for them.
+        if namespace.is_empty() {
+            return (
+                reserved::UNMANAGED,
+                weft_common::labels::reserved_labels("unmanaged"),
+            );
+        }
         let Some(Resource {
             kind: Some(resource::Kind::Pod(pod)),
         }) = mirror.get(&ObjKey::new(Kind::Pod, namespace, name))
@@ -770,7 +805,27 @@ mod tests {
         validate_attachment(&req("abc", "eth0", ""), false).expect("DEL needs no netns");
         validate_attachment(&req("abc-1.2_3", "eth0", "/proc/self/ns/net"), true).expect("valid");
         let e = validate_attachment(&req("abc", "eth0", "/tmp"), true).expect_err("not a netns");
-        assert!(e.message.contains("CNI_NETNS") && e.message.contains("not a network namespace"));
+        assert!(e.message.contains("CNI_NETNS") && e.message.contains("is not a namespace file"));
+    }
+
+    /// Namespace files of another type are named for what they are, with
+    /// code 4, not let through to fail in netlink.
+    #[test]
+    fn other_namespace_types_are_refused_by_type() {
+        for (path, kind) in [
+            ("/proc/self/ns/uts", "a UTS namespace"),
+            ("/proc/self/ns/mnt", "a mount namespace"),
+            ("/proc/self/ns/ipc", "an IPC namespace"),
+        ] {
+            let e = validate_attachment(&req("abc", "eth0", path), true).expect_err(path);
+            assert_eq!(e.cni_code, cni_code::INVALID_ENV, "{path}");
+            assert!(
+                e.message.contains(kind) && e.message.contains("not a network namespace"),
+                "{path}: {}",
+                e.message
+            );
+        }
+        validate_attachment(&req("abc", "eth0", "/proc/self/ns/net"), true).expect("a netns");
     }
 
     proptest::proptest! {

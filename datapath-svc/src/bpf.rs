@@ -249,18 +249,20 @@ impl Programs {
             })?;
         }
         let pods = {
-            let mut fd = |name: &'static str| -> Result<aya::programs::ProgramFd> {
+            let mut fd = |name: &'static str| -> Result<(aya::programs::ProgramFd, u32)> {
                 let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
-                let fd = prog.fd().map_err(|e| BpfError::Program {
-                    name,
-                    message: describe(&e),
-                })?;
-                fd.try_clone().map_err(|e| BpfError::Program {
-                    name,
-                    message: e.to_string(),
-                })
+                let failed = |message: String| BpfError::Program { name, message };
+                let id = prog.info().map_err(|e| failed(describe(&e)))?.id();
+                let fd = prog.fd().map_err(|e| failed(describe(&e)))?;
+                Ok((fd.try_clone().map_err(|e| failed(e.to_string()))?, id))
             };
-            PodPrograms::new(fd("from_container")?, fd("to_container")?, &links_dir)
+            let (from_container, from_id) = fd("from_container")?;
+            let (to_container, to_id) = fd("to_container")?;
+            let ids = crate::podattach::ProgramIds {
+                from_container: from_id,
+                to_container: to_id,
+            };
+            PodPrograms::new(from_container, to_container, ids, &links_dir)
         };
         let maps = KernelLbMaps {
             services: take_hash(&mut ebpf, names::LB4_SERVICES)?,

@@ -24,8 +24,10 @@ impl CniService {
 
 fn status(f: CniFailure) -> Status {
     let mut s = Status::new(f.grpc, f.message);
-    s.metadata_mut()
-        .insert("cni-code", MetadataValue::from(f.cni_code));
+    s.metadata_mut().insert(
+        weft_cni_contract::CODE_METADATA_KEY,
+        MetadataValue::from(f.cni_code),
+    );
     s
 }
 

@@ -42,13 +42,14 @@ pub struct EndpointRecord {
 }
 
 impl EndpointRecord {
-    /// `namespace/name` of the pod, or the container id when the runtime
-    /// did not say.
+    /// `namespace/name` of the pod; its name alone when the runtime sent no
+    /// namespace (a container outside Kubernetes); the container id when
+    /// it sent no name either.
     pub fn pod(&self) -> String {
-        if self.pod_name.is_empty() {
-            self.container_id.clone()
-        } else {
-            format!("{}/{}", self.pod_namespace, self.pod_name)
+        match (self.pod_namespace.is_empty(), self.pod_name.is_empty()) {
+            (_, true) => self.container_id.clone(),
+            (true, false) => self.pod_name.clone(),
+            (false, false) => format!("{}/{}", self.pod_namespace, self.pod_name),
         }
     }
 
@@ -118,5 +119,23 @@ impl Endpoints {
 
     pub fn all(&self) -> Result<Vec<EndpointRecord>, StoreError> {
         Ok(self.tree.entries()?.into_iter().map(|(_, v)| v).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pods_read_well_whatever_the_runtime_sent() {
+        let record = |ns: &str, name: &str| EndpointRecord {
+            container_id: "c0ffee".into(),
+            pod_namespace: ns.into(),
+            pod_name: name.into(),
+            ..Default::default()
+        };
+        assert_eq!(record("default", "web").pod(), "default/web");
+        assert_eq!(record("", "web").pod(), "web", "no namespace: podman");
+        assert_eq!(record("", "").pod(), "c0ffee", "nothing: the container");
     }
 }

@@ -145,7 +145,10 @@ pub struct Args {
     #[arg(long, env = "WEFT_BPF_LB_MAP_MAX", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     pub bpf_lb_map_max: u32,
 
-    /// Serve Services to the node's own processes at the socket layer.
+    /// Translate Services at the socket layer (connect, sendmsg, recvmsg,
+    /// getpeername) for every process under `--cgroup-root`: the node's own
+    /// processes and, unless `--socket-lb-host-namespace-only`, pods too.
+    /// Off, every Service is translated per packet.
     #[arg(long, env = "WEFT_SOCKET_LB", default_value_t = true, action = clap::ArgAction::Set)]
     pub socket_lb: bool,
 
@@ -162,7 +165,9 @@ pub struct Args {
     #[arg(long, env = "WEFT_HEALTHZ_LISTEN", default_value = "0.0.0.0:10256")]
     pub healthz_listen: String,
 
-    /// The cgroup v2 hierarchy the socket programs attach to; empty finds it.
+    /// The cgroup v2 directory the socket programs attach to; they apply to
+    /// every process in it and below. Empty: the root of the host's cgroup
+    /// v2 hierarchy (its first cgroup2 mount), so every process on the node.
     #[arg(long, env = "WEFT_CGROUP_ROOT", default_value = "")]
     pub cgroup_root: String,
 

@@ -19,7 +19,7 @@ use std::{
 };
 
 use aya::programs::{ProgramFd, links::PinnedLink};
-use futures::StreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 use rtnetlink::{
     Handle,
     packet_core::{
@@ -47,21 +47,65 @@ pub struct PodPrograms {
     from_container: ProgramFd,
     /// Packets entering the pod: the veth's egress.
     to_container: ProgramFd,
+    /// The kernel's ids of the two, for CHECK to find them on a veth.
+    ids: ProgramIds,
     /// Where earlier releases pinned TCX links of pod veths.
     links_dir: PathBuf,
+}
+
+/// The kernel's ids of the pod programs.
+#[derive(Debug, Clone, Copy)]
+pub struct ProgramIds {
+    pub from_container: u32,
+    pub to_container: u32,
 }
 
 impl PodPrograms {
     pub(crate) fn new(
         from_container: ProgramFd,
         to_container: ProgramFd,
+        ids: ProgramIds,
         links_dir: &Path,
     ) -> Self {
         Self {
             from_container,
             to_container,
+            ids,
             links_dir: links_dir.to_path_buf(),
         }
+    }
+
+    /// CHECK: whether the veth `ifindex` still carries both programs, these
+    /// very ones (a filter removed, or replaced by another program, fails).
+    /// `Err` says which is missing.
+    pub async fn verify(&self, handle: &Handle, ifindex: u32) -> Result<(), String> {
+        let wanted = [
+            ("from_container", "ingress", self.ids.from_container),
+            ("to_container", "egress", self.ids.to_container),
+        ];
+        for (name, direction, id) in wanted {
+            let request = handle.traffic_filter(ifindex as i32).get();
+            let request = if direction == "ingress" {
+                request.ingress()
+            } else {
+                request.egress()
+            };
+            // No clsact qdisc at all answers with an error: not attached.
+            let filters: Vec<TcMessage> = request.execute().try_collect().await.unwrap_or_default();
+            let attached = filters.iter().any(|f| {
+                f.attributes.iter().any(|a| {
+                    matches!(a, TcAttribute::Options(opts) if opts.iter().any(|o| {
+                        matches!(o, TcOption::Bpf(TcFilterBpfOption::ProgId(i)) if *i == id)
+                    }))
+                })
+            });
+            if !attached {
+                return Err(format!(
+                    "the {name} program is not attached to the host veth's {direction}"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Attaches both programs to the veth `ifindex` (named `ifname`), or

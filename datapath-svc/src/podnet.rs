@@ -11,8 +11,9 @@ use std::{net::Ipv4Addr, os::fd::AsRawFd as _, path::Path};
 
 use futures::TryStreamExt as _;
 use netlink_packet_route::{
-    link::{InfoData, InfoVeth, LinkAttribute, LinkMessage},
-    route::RouteScope,
+    address::AddressAttribute,
+    link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage},
+    route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope},
 };
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
@@ -306,38 +307,149 @@ pub async fn delete(handle: &Handle, host_ifname: &str) -> Result<()> {
     }
 }
 
-/// Whether the host side exists and the pod side still carries `ip`.
-pub async fn check(
-    handle: &Handle,
-    host_ifname: &str,
-    netns: &Path,
-    pod_ifname: &str,
-    ip: Ipv4Addr,
-) -> Result<()> {
-    if link_by_name(handle, host_ifname).await?.is_none() {
-        return Err(NetError::Other(format!(
-            "host interface {host_ifname} is missing"
+/// What ADD set up for one attachment, as CHECK compares it.
+#[derive(Debug, Clone)]
+pub struct Plumbing {
+    pub host_ifname: String,
+    pub pod_ifname: String,
+    pub ip: Ipv4Addr,
+    /// 0: not recorded (the link's MTU is not compared).
+    pub mtu: u32,
+    /// `aa:bb:..`; empty: not recorded.
+    pub host_mac: String,
+    pub pod_mac: String,
+}
+
+/// Why CHECK fails: the pod's network is not what ADD left ([`Broken`]),
+/// or looking at it failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("{0}")]
+    Broken(String),
+    #[error(transparent)]
+    Net(#[from] NetError),
+}
+
+/// Compares one side of the veth pair with what ADD made of it.
+fn check_link(link: &LinkMessage, what: &str, mtu: u32, mac: &str) -> Result<(), CheckError> {
+    let broken = |m: String| Err(CheckError::Broken(format!("{what} {m}")));
+    if !link.header.flags.contains(LinkFlags::Up) {
+        return broken("is down".into());
+    }
+    let have_mtu = link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Mtu(m) => Some(*m),
+        _ => None,
+    });
+    if mtu != 0 && have_mtu != Some(mtu) {
+        return broken(format!("has MTU {}, not {mtu}", have_mtu.unwrap_or(0)));
+    }
+    let have_mac = format_mac(&mac_of(link));
+    if !mac.is_empty() && have_mac != mac {
+        return broken(format!("has MAC {have_mac}, not {mac}"));
+    }
+    Ok(())
+}
+
+/// CHECK: whether the pair is still as ADD left it. The host side exists,
+/// is up, with its MTU and MAC; inside the pod, the interface is up with
+/// its MTU, MAC and address, and the routes to the gateway and the default
+/// route through it are there. (The programs on the host side are the
+/// caller's to check.) Returns the host side's index.
+pub async fn check(handle: &Handle, want: &Plumbing, netns: &Path) -> Result<u32, CheckError> {
+    let host = link_by_name(handle, &want.host_ifname)
+        .await?
+        .ok_or_else(|| {
+            CheckError::Broken(format!("host interface {} is missing", want.host_ifname))
+        })?;
+    check_link(
+        &host,
+        &format!("host interface {}", want.host_ifname),
+        want.mtu,
+        &want.host_mac,
+    )?;
+    let want_pod = want.clone();
+    let inside =
+        weft_common::netns::spawn_in(
+            netns,
+            move || async move { Ok(check_pod_side(&want_pod).await) },
+        )
+        .await
+        .map_err(|e| NetError::Netns {
+            path: netns_display(netns),
+            message: format!("{e:#}"),
+        })?;
+    inside?;
+    Ok(host.header.index)
+}
+
+async fn check_pod_side(want: &Plumbing) -> Result<(), CheckError> {
+    let handle = connect()?;
+    let ifname = &want.pod_ifname;
+    let link = link_by_name(&handle, ifname)
+        .await?
+        .ok_or_else(|| CheckError::Broken(format!("{ifname} is missing in the pod")))?;
+    check_link(
+        &link,
+        &format!("{ifname} in the pod"),
+        want.mtu,
+        &want.pod_mac,
+    )?;
+    let index = link.header.index;
+    let addrs: Vec<_> = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("listing addresses"))?;
+    let has_ip = addrs.iter().any(|a| {
+        a.header.prefix_len == 32
+            && a.attributes.iter().any(|attr| {
+                matches!(attr, AddressAttribute::Address(std::net::IpAddr::V4(v)) if *v == want.ip)
+            })
+    });
+    if !has_ip {
+        return Err(CheckError::Broken(format!(
+            "{ifname} in the pod does not carry {}/32",
+            want.ip
         )));
     }
-    let pod_ifname = pod_ifname.to_string();
-    weft_common::netns::spawn_in(netns, move || async move {
-        let handle = connect()?;
-        let link = link_by_name(&handle, &pod_ifname)
-            .await?
-            .ok_or_else(|| NetError::Other(format!("{pod_ifname} is missing in the pod")))?;
-        let mut addrs = handle.address().get().set_link_index_filter(link.header.index).execute();
-        while let Some(a) = addrs.try_next().await.map_err(nl("listing addresses"))? {
-            let has = a.attributes.iter().any(|attr| {
-                matches!(attr, netlink_packet_route::address::AddressAttribute::Address(std::net::IpAddr::V4(v)) if *v == ip)
-            });
-            if has {
-                return Ok(());
-            }
-        }
-        Err(NetError::Other(format!("{pod_ifname} does not carry {ip}")).into())
-    })
-    .await
-    .map_err(|e| NetError::Netns { path: netns.display().to_string(), message: format!("{e:#}") })
+    let routes: Vec<RouteMessage> = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("listing routes"))?;
+    let on_link = |r: &&RouteMessage| {
+        r.attributes
+            .iter()
+            .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == index))
+    };
+    let to_gateway = routes.iter().filter(on_link).any(|r| {
+        r.header.destination_prefix_length == 32
+            && r.attributes.iter().any(|a| {
+                matches!(a, RouteAttribute::Destination(RouteAddress::Inet(ip)) if *ip == GATEWAY)
+            })
+    });
+    if !to_gateway {
+        return Err(CheckError::Broken(format!(
+            "the pod has no route to the gateway {GATEWAY} on {ifname}"
+        )));
+    }
+    let default = routes.iter().filter(on_link).any(|r| {
+        r.header.destination_prefix_length == 0
+            && r.attributes.iter().any(
+                |a| matches!(a, RouteAttribute::Gateway(RouteAddress::Inet(ip)) if *ip == GATEWAY),
+            )
+    });
+    if !default {
+        return Err(CheckError::Broken(format!(
+            "the pod has no default route through {GATEWAY} on {ifname}"
+        )));
+    }
+    Ok(())
 }
 
 /// Pod veths carry IPv4 only; IPv6 link-local chatter would just be noise.

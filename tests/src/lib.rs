@@ -13,6 +13,7 @@ use std::{
 use weft_lab::{Lab, LabConfig, OwnedLab};
 use weft_proto::datapath::v1::{ListServicesRequest, datapath_client::DatapathClient};
 
+pub mod chart;
 pub mod kube;
 pub mod lbmaps;
 pub mod load;

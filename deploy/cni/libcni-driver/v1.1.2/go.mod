@@ -1,0 +1,5 @@
+module weft.io/libcni-driver
+
+go 1.21
+
+require github.com/containernetworking/cni v1.1.2
