@@ -10,6 +10,9 @@ cargo fmt --all -- --check
 # e2e.test, ...), built from its Go modules once per release into a cache
 # outside the repository; a second run finds it there.
 deploy/kube/build.sh >/dev/null
+# The libcni drivers the plugin is tested through (tests/cni_runtime.rs),
+# one per libcni version runtimes ship, cached the same way.
+deploy/cni/build.sh >/dev/null
 # One build of every binary, shared by all tests (the end-to-end tests run
 # them from target/debug).
 cargo build --workspace --bins --locked
