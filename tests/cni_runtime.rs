@@ -10,8 +10,8 @@
 //! reached from outside the node; CHECK of a healthy pod; CHECK of a pod
 //! broken in each way a pod's network can break, which must fail with
 //! code 106 naming what broke; DEL, after which the veth is gone. Then a
-//! container from a runtime that sends no pod namespace, and a namespace
-//! file of the wrong type.
+//! container from a runtime that sends no pod namespace, a namespace file
+//! of the wrong type, and a node out of pod addresses.
 
 use std::{
     net::SocketAddr,
@@ -216,7 +216,8 @@ const BREAKAGES: &[(&str, &[&[&str]], &str)] = &[
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn libcni_callers_add_check_and_delete_with_the_charts_config() {
     let drivers = drivers();
-    let lab = TestLab::up("libcni_runtime", 1).await;
+    // A small pod CIDR, so that running out of addresses is quick to reach.
+    let lab = TestLab::up_with("libcni_runtime", 1, |cfg| cfg.mask_size = 27).await;
     let node = lab.node_names()[0].clone();
     let node_ip = lab.node_addr(&node).expect("node address");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -378,5 +379,37 @@ async fn libcni_callers_add_check_and_delete_with_the_charts_config() {
         "{}",
         refused.msg()
     );
+
+    // Out of addresses: code 101 ("out of a resource"), named as such, and
+    // the pods that got one keep it.
+    let mut filled = Vec::new();
+    let exhausted = loop {
+        let name = format!("full{}", filled.len());
+        let (_, pod) = pod_netns(&lab, &name);
+        let id = format!("libcni-{name}");
+        let answer = rt.call("add", &pod, &id, &pod_args(&name), "{}");
+        if !answer.ok {
+            break answer;
+        }
+        filled.push((pod, id, name));
+        assert!(
+            filled.len() <= 32,
+            "a /27 cannot give more than 32 addresses"
+        );
+    };
+    println!(
+        "libcni {version}: ADD after {} pods: {}",
+        filled.len(),
+        exhausted.json
+    );
+    assert!(filled.len() >= 20, "a /27 gives most of its addresses");
+    assert_eq!(exhausted.code(), Some(101), "{}", exhausted.json);
+    assert!(exhausted.msg().contains("address"), "{}", exhausted.msg());
+    for (pod, id, name) in &filled {
+        let ok = rt.call("check", pod, id, &pod_args(name), "{}");
+        assert!(ok.ok, "{name} still healthy: {}", ok.json);
+        let deleted = rt.call("del", pod, id, &pod_args(name), "{}");
+        assert!(deleted.ok, "DEL {name}: {}", deleted.json);
+    }
     lab.down().await;
 }

@@ -388,7 +388,8 @@ impl Agent {
         if let Some(prev) = &req.prev_result {
             let want = format!("{}/32", record.ip);
             if !prev.ips.is_empty() && !prev.ips.iter().any(|i| i.address == want) {
-                return Err(CniFailure::internal(
+                return Err(CniFailure::new(
+                    tonic::Code::FailedPrecondition,
                     cni_code::NETWORK_CHANGED,
                     format!("prevResult does not list {want}, the address the pod has"),
                 ));
@@ -412,7 +413,13 @@ impl Agent {
             host_mac: record.host_mac.clone(),
             pod_mac: record.pod_mac.clone(),
         };
-        let changed = |m: String| CniFailure::internal(cni_code::NETWORK_CHANGED, m);
+        let changed = |m: String| {
+            CniFailure::new(
+                tonic::Code::FailedPrecondition,
+                cni_code::NETWORK_CHANGED,
+                m,
+            )
+        };
         let host_index = podnet::check(&self.netlink, &want, Path::new(&record.netns))
             .await
             .map_err(|e| match e {
