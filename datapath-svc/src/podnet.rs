@@ -98,6 +98,17 @@ pub(crate) async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<L
     }
 }
 
+/// Every IPv4 route of the main table in the calling thread's namespace.
+pub(crate) async fn ipv4_routes(handle: &Handle) -> Result<Vec<RouteMessage>> {
+    handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("listing routes"))
+}
+
 /// The index of the interface `name`, if it exists.
 pub async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>> {
     Ok(link_by_name(handle, name).await?.map(|l| l.header.index))
@@ -415,13 +426,7 @@ async fn check_pod_side(want: &Plumbing) -> Result<(), CheckError> {
             want.ip
         )));
     }
-    let routes: Vec<RouteMessage> = handle
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute()
-        .try_collect()
-        .await
-        .map_err(nl("listing routes"))?;
+    let routes = ipv4_routes(&handle).await?;
     let on_link = |r: &&RouteMessage| {
         r.attributes
             .iter()

@@ -270,13 +270,7 @@ pub async fn sync_routes(
             .map_err(nl(format!("route to {cidr}")))?;
     }
     // Routes of ours to nodes that are gone (or from the other mode).
-    let existing: Vec<RouteMessage> = handle
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute()
-        .try_collect()
-        .await
-        .map_err(nl("listing routes"))?;
+    let existing = crate::podnet::ipv4_routes(handle).await?;
     for r in existing {
         // Read back, 42 is a protocol with a name (babel), not `Other(42)`:
         // compare the number.
