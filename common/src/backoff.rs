@@ -43,6 +43,22 @@ impl Default for Backoff {
     }
 }
 
+/// The back-off of background work a store refused (writes during an API
+/// outage): soon, then every five seconds at most, so the work is done
+/// within seconds of the store's return.
+pub fn store_retry() -> Backoff {
+    Backoff::new(Duration::from_millis(500), Duration::from_secs(5))
+}
+
+/// Sleeps until `at`; without one, never returns (a `select!` arm that is
+/// off).
+pub async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,6 @@
 //! Flags every long-running service takes, each with an environment fallback.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::tls::{TlsConfig, TlsError};
 
@@ -75,4 +75,66 @@ pub fn parse_optional_addr(flag: &str, value: &str) -> anyhow::Result<Option<Soc
     value.parse().map(Some).map_err(|e| {
         anyhow::anyhow!("{flag}: {value:?} is not an address of the form ip:port: {e}")
     })
+}
+
+/// Parses `900`, `900s`, `15m`, `1h30m`, `1h 30m`, `250ms`, `1d`: a bare
+/// number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let bad = || format!("{s:?} is not a duration such as 90, 90s, 15m, 1h30m or 500ms");
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        if digits == 0 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c.is_whitespace())
+            .unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(bad)?),
+            "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(bad)?),
+            "d" => Duration::from_secs(n.checked_mul(86400).ok_or_else(bad)?),
+            _ => return Err(bad()),
+        };
+        total = total.checked_add(unit).ok_or_else(bad)?;
+        rest = rest[unit_len..].trim_start();
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        let ok = [
+            ("900", 900_000),
+            ("90s", 90_000),
+            ("15m", 900_000),
+            ("1h30m", 5_400_000),
+            ("1h 30m", 5_400_000),
+            ("250ms", 250),
+            ("1d", 86_400_000),
+            ("0", 0),
+        ];
+        for (s, ms) in ok {
+            assert_eq!(parse_duration(s), Ok(Duration::from_millis(ms)), "{s}");
+        }
+        for s in ["", "m", "15x", "1.5h", "-3s", "s15"] {
+            assert!(parse_duration(s).is_err(), "{s} accepted");
+        }
+    }
 }

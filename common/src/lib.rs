@@ -14,6 +14,7 @@ pub mod labels;
 pub mod memory;
 pub mod metrics;
 pub mod netns;
+pub mod readiness;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

@@ -23,6 +23,7 @@ use weft_proto::{
     },
     identity::v1::{ListRequest as IdentityListRequest, identity_client::IdentityClient},
     ipam::v1::{ListRequest as IpamListRequest, ipam_client::IpamClient},
+    watcher::v1::{StatusRequest as WatcherStatusRequest, watcher_client::WatcherClient},
 };
 
 pub use connect::CtlError;
@@ -339,11 +340,20 @@ async fn status(cli: &Cli) -> StatusReport {
     let datapath =
         Target::new("datapath-svc", &cli.datapath, cli.timeout).with_tls(cli.tls.clone());
     let ipam = Target::new("ipam-svc", &cli.ipam, cli.timeout).with_tls(cli.tls.clone());
-    let (health, datapath, ipam) = tokio::join!(
+    let watcher = Target::new("svc-watcher", &cli.watcher, cli.timeout).with_tls(cli.tls.clone());
+    let (mut health, datapath, ipam, watcher) = tokio::join!(
         join_all(checks),
         datapath_status(&datapath),
-        ipam_list(&ipam)
+        ipam_list(&ipam),
+        watcher_reason(&watcher)
     );
+    if let Some(reason) = watcher
+        && let Some(h) = health
+            .iter_mut()
+            .find(|h| h.name == "svc-watcher" && !h.is_healthy())
+    {
+        h.reason = Some(reason);
+    }
     let mut report = StatusReport::new(health, datapath);
     report.ipam = ipam.ok();
     report
@@ -374,7 +384,19 @@ async fn health(target: Target) -> HealthView {
         address: target.address,
         status,
         error,
+        reason: None,
     }
+}
+
+/// Why svc-watcher is not ready, from its `Status` (nothing when it is
+/// ready, unreachable, or too old to answer `Status`).
+async fn watcher_reason(target: &Target) -> Option<String> {
+    let mut client = WatcherClient::new(target.connect().await.ok()?);
+    let status = target
+        .call(client.status(WatcherStatusRequest {}))
+        .await
+        .ok()?;
+    (!status.ready && !status.reason.is_empty()).then_some(status.reason)
 }
 
 async fn ipam_list(target: &Target) -> Result<IpamList, CtlError> {

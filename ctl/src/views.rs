@@ -412,6 +412,9 @@ pub struct HealthView {
     pub status: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Why the service says it is not serving, when it says (svc-watcher).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 impl HealthView {
@@ -522,9 +525,10 @@ impl StatusReport {
         let mut problems: Vec<String> = services
             .iter()
             .filter(|h| !h.is_healthy())
-            .map(|h| match &h.error {
-                Some(e) => e.clone(),
-                None => format!("{} is {}", h.name, h.status),
+            .map(|h| match (&h.error, &h.reason) {
+                (Some(e), _) => e.clone(),
+                (None, Some(why)) => format!("{} is {}: {why}", h.name, h.status),
+                (None, None) => format!("{} is {}", h.name, h.status),
             })
             .collect();
         let datapath = match datapath {
@@ -888,6 +892,7 @@ ID   Frontend            Service Type   Service                Backend
             address: format!("http://{name}"),
             status: "SERVING".into(),
             error: None,
+            reason: None,
         }
     }
 
@@ -915,6 +920,7 @@ ID   Frontend            Service Type   Service                Backend
             address: "http://127.0.0.1:1".into(),
             status: "UNREACHABLE".into(),
             error: Some("connection refused".into()),
+            reason: None,
         };
         let report = StatusReport::new(vec![serving("datapath-svc"), down], Ok(datapath(false)));
         assert!(!report.healthy);

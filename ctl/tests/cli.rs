@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-use weft_common::grpc::GrpcServer;
+use weft_common::{grpc::GrpcServer, readiness::Readiness};
 use weft_proto::{
     datapath::v1::{
         self as dp,
@@ -22,6 +22,10 @@ use weft_proto::{
     ipam::v1::{
         self as ipam,
         ipam_server::{Ipam, IpamServer},
+    },
+    watcher::v1::{
+        self as watcher,
+        watcher_server::{Watcher, WatcherServer},
     },
 };
 
@@ -527,4 +531,79 @@ async fn flows_print_one_line_each_and_filter_by_verdict() {
         .collect();
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0]["reason"], "policy_denied");
+}
+
+/// A svc-watcher whose watch has been broken: health NOT_SERVING, and
+/// `Status` says why.
+struct BrokenWatcher;
+
+const BROKEN: &str = "the watch of Pod has been broken for 12.0 s: connection refused";
+
+#[tonic::async_trait]
+impl Watcher for BrokenWatcher {
+    type SubscribeStream = Pin<Box<dyn Stream<Item = Result<watcher::WatchEvent, Status>> + Send>>;
+
+    async fn subscribe(
+        &self,
+        _: Request<watcher::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        Ok(Response::new(Box::pin(tokio_stream::empty())))
+    }
+
+    async fn list(
+        &self,
+        _: Request<watcher::ListRequest>,
+    ) -> Result<Response<watcher::ListResponse>, Status> {
+        Ok(Response::new(watcher::ListResponse::default()))
+    }
+
+    async fn status(
+        &self,
+        _: Request<watcher::StatusRequest>,
+    ) -> Result<Response<watcher::StatusResponse>, Status> {
+        Ok(Response::new(watcher::StatusResponse {
+            ready: false,
+            reason: BROKEN.into(),
+            epoch: "e".into(),
+            revision: 7,
+        }))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_says_why_svc_watcher_is_not_serving() {
+    let mut cluster = Cluster::start(true).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    cluster.watcher = format!("http://{}", listener.local_addr().expect("addr"));
+    let (_not_ready, readiness) = tokio::sync::watch::channel(Readiness::NotReady(BROKEN.into()));
+    tokio::spawn(weft_common::readiness::serve_tcp(
+        GrpcServer::new().add_service(WatcherServer::new(BrokenWatcher)),
+        listener,
+        "weft.watcher.v1.Watcher",
+        readiness,
+        cluster.token.clone(),
+    ));
+    let out = cluster.weftctl(&["status"]).await;
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("svc-watcher") && l.ends_with("NOT_SERVING")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("  - svc-watcher is NOT_SERVING: {BROKEN}\n")),
+        "{text}"
+    );
+    let out = cluster.weftctl(&["status", "-o", "json"]).await;
+    let json: Value = serde_json::from_slice(&out.stdout).expect("JSON output");
+    let watcher = json["services"]
+        .as_array()
+        .expect("services")
+        .iter()
+        .find(|s| s["name"] == "svc-watcher")
+        .cloned()
+        .expect("svc-watcher");
+    assert_eq!(watcher["status"], "NOT_SERVING");
+    assert_eq!(watcher["reason"], BROKEN);
 }

@@ -14,7 +14,7 @@ use weft_proto::identity::v1::{
 
 use crate::{
     state::{Identities, IdentityError},
-    store::IdentityStore,
+    store::{IdentityStore, StoreError},
     validate,
 };
 
@@ -38,8 +38,10 @@ impl<S: IdentityStore> IdentityService<S> {
 fn status(e: IdentityError) -> Status {
     match e {
         IdentityError::Exhausted(_) => Status::resource_exhausted(e.to_string()),
-        IdentityError::Failed => Status::unavailable(e.to_string()),
         IdentityError::Contended => Status::aborted(e.to_string()),
+        IdentityError::Vanished => Status::internal(e.to_string()),
+        // The store did not answer (in time): worth trying again later.
+        IdentityError::Store(e @ StoreError::Api(_)) => Status::unavailable(e.to_string()),
         IdentityError::Store(e) => Status::internal(e.to_string()),
     }
 }
@@ -97,21 +99,21 @@ impl<S: IdentityStore> identity_server::Identity for IdentityService<S> {
         request: Request<GetRequest>,
     ) -> Result<Response<SecurityIdentity>, Status> {
         let id = request.into_inner().id;
-        match self.ids.get(id).await.map_err(status)? {
+        match self.ids.get(id) {
             Some(identity) => Ok(Response::new(identity)),
             None => Err(Status::not_found(format!("identity {id} does not exist"))),
         }
     }
 
     async fn list(&self, _: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
-        let identities = self.ids.list().await.map_err(status)?;
+        let identities = self.ids.list();
         Ok(Response::new(ListResponse { identities }))
     }
 
     type WatchStream = EventStream;
 
     async fn watch(&self, _: Request<WatchRequest>) -> Result<Response<EventStream>, Status> {
-        let (snapshot, feed) = self.ids.watch().await.map_err(status)?;
+        let (snapshot, feed) = self.ids.watch();
         let initial = snapshot
             .into_iter()
             .map(Event::Upsert)
@@ -174,7 +176,7 @@ mod tests {
                 .await
                 .expect("identities"),
         );
-        let (_, mut events) = ids.watch().await.expect("watch");
+        let (_, mut events) = ids.watch();
         let service = IdentityService::new(ids.clone(), CancellationToken::new());
         let request = tonic::Request::new(AllocateRequest {
             labels: [("k8s:app".to_string(), "web".to_string())].into(),
@@ -197,13 +199,7 @@ mod tests {
             identity.labels.get("k8s:app").map(String::as_str),
             Some("web")
         );
-        let allocated = ids
-            .list()
-            .await
-            .expect("list")
-            .into_iter()
-            .filter(|i| !i.reserved)
-            .count();
+        let allocated = ids.list().into_iter().filter(|i| !i.reserved).count();
         assert_eq!(allocated, 1);
     }
 }

@@ -34,19 +34,19 @@ use std::{
     time::Duration,
 };
 
-use futures::StreamExt as _;
 use kube::{
     Api, Client, ResourceExt as _,
     api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions},
-    runtime::{WatchStreamExt as _, watcher},
 };
 use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use weft_common::{backoff::Backoff, labels::canonical_key};
+use weft_common::{labels::canonical_key, readiness::Readiness};
 use weft_k8s::{
     api::{self as k8s, fnv1a64, revision},
+    config::ApiConfig,
     crd::{LABELS_HASH_LABEL, MANAGED_BY_LABEL, SecurityIdentity, SecurityIdentitySpec},
+    retry::ApiHealth,
 };
 
 use crate::{
@@ -54,9 +54,6 @@ use crate::{
     table::Labels,
 };
 
-/// How long transient API trouble (unreachable, 5xx, 429) is retried before
-/// a store call fails, which stops the service.
-const RETRY_BUDGET: Duration = Duration::from_secs(60);
 /// How often an owner update is retried after 409 Conflict.
 const MAX_CONFLICTS: usize = 20;
 
@@ -84,37 +81,12 @@ pub struct KubeIdentityStore {
     api: Api<SecurityIdentity>,
     seen: Arc<Mutex<SeenMap>>,
     changes: watch::Receiver<u64>,
+    health: ApiHealth,
+    config: ApiConfig,
 }
 
 fn api_error(e: &kube::Error) -> StoreError {
     StoreError::Api(e.to_string())
-}
-
-fn transient(e: &kube::Error) -> bool {
-    match k8s::status_code(e) {
-        None => true,
-        Some(code) => code == 429 || code >= 500,
-    }
-}
-
-/// Runs `call` until it gives a real answer, backing off over transient
-/// errors for up to [`RETRY_BUDGET`].
-async fn retrying<T, F, Fut>(what: &str, mut call: F) -> Result<T, kube::Error>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, kube::Error>>,
-{
-    let deadline = tokio::time::Instant::now() + RETRY_BUDGET;
-    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
-    loop {
-        match call().await {
-            Err(e) if transient(&e) && tokio::time::Instant::now() < deadline => {
-                tracing::warn!(error = %e, "{what}: Kubernetes API trouble; retrying");
-                tokio::time::sleep(backoff.next_delay()).await;
-            }
-            other => return other,
-        }
-    }
 }
 
 /// The label value that narrows a list to one label set's objects.
@@ -145,13 +117,52 @@ fn parse(object: &SecurityIdentity) -> Result<Option<(u32, Seen)>, StoreError> {
 
 impl KubeIdentityStore {
     /// Starts following the SecurityIdentities (for
-    /// [`IdentityStore::changes`]) until `shutdown`.
-    pub fn start(client: Client, shutdown: CancellationToken) -> Self {
+    /// [`IdentityStore::changes`]) until `shutdown`. `health` is what the client's
+    /// observer feeds ([`ApiHealth::observer`]); the store's calls feed it too.
+    pub fn start(
+        client: Client,
+        health: ApiHealth,
+        config: ApiConfig,
+        shutdown: CancellationToken,
+    ) -> Self {
         let api: Api<SecurityIdentity> = Api::all(client);
         let seen: Arc<Mutex<SeenMap>> = Arc::default();
         let (tx, changes) = watch::channel(0u64);
-        tokio::spawn(follow(api.clone(), seen.clone(), tx, shutdown));
-        Self { api, seen, changes }
+        let known = {
+            let seen = seen.clone();
+            move |o: &SecurityIdentity, deleted: bool| {
+                let Some(id) = id_of(o) else { return true };
+                let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+                let at = revision(&o.metadata).ok();
+                match seen.get(&id) {
+                    Some(s) => !deleted && Some(s.rv) == at,
+                    None => deleted,
+                }
+            }
+        };
+        tokio::spawn(weft_k8s::follow::changes(
+            api.clone(),
+            health.clone(),
+            known,
+            tx,
+            shutdown,
+        ));
+        Self {
+            api,
+            seen,
+            changes,
+            health,
+            config,
+        }
+    }
+
+    /// Runs one API call under the retry policy.
+    async fn retrying<T, F, Fut>(&self, what: &str, call: F) -> Result<T, kube::Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, kube::Error>>,
+    {
+        weft_k8s::retry::retrying(&self.health, self.config.retry, what, call).await
     }
 
     fn seen(&self) -> std::sync::MutexGuard<'_, SeenMap> {
@@ -163,7 +174,8 @@ impl KubeIdentityStore {
         if let Some(l) = labels {
             params = params.labels(l);
         }
-        let list = retrying("listing SecurityIdentities", || self.api.list(&params))
+        let list = self
+            .retrying("listing SecurityIdentities", || self.api.list(&params))
             .await
             .map_err(|e| api_error(&e))?;
         let mut out = Vec::new();
@@ -183,10 +195,11 @@ impl KubeIdentityStore {
             ..DeleteParams::default()
         };
         let name = id.to_string();
-        match retrying("deleting a SecurityIdentity", || {
-            self.api.delete(&name, &params)
-        })
-        .await
+        match self
+            .retrying("deleting a SecurityIdentity", || {
+                self.api.delete(&name, &params)
+            })
+            .await
         {
             Ok(_) => {
                 self.seen().remove(&id);
@@ -226,10 +239,11 @@ impl KubeIdentityStore {
             },
         };
         let post = PostParams::default();
-        let mine = match retrying("creating a SecurityIdentity", || {
-            self.api.create(&post, &object)
-        })
-        .await
+        let mine = match self
+            .retrying("creating a SecurityIdentity", || {
+                self.api.create(&post, &object)
+            })
+            .await
         {
             Ok(o) => match parse(&o)? {
                 Some((id, seen)) => {
@@ -289,10 +303,11 @@ impl KubeIdentityStore {
             });
             let params = PatchParams::default();
             let patch = Patch::Merge(&patch);
-            match retrying("updating SecurityIdentity owners", || {
-                self.api.patch(&name, &params, &patch)
-            })
-            .await
+            match self
+                .retrying("updating SecurityIdentity owners", || {
+                    self.api.patch(&name, &params, &patch)
+                })
+                .await
             {
                 Ok(o) => {
                     if let Some((id, seen)) = parse(&o)? {
@@ -302,14 +317,14 @@ impl KubeIdentityStore {
                 }
                 Err(e) if k8s::is_conflict(&e) => {
                     tracing::debug!(id, "owners changed meanwhile (409); re-reading");
-                    current =
-                        match retrying("reading a SecurityIdentity", || self.api.get_opt(&name))
-                            .await
-                        {
-                            Ok(Some(o)) => parse(&o)?.map(|(_, s)| s),
-                            Ok(None) => None,
-                            Err(e) => return Err(api_error(&e)),
-                        };
+                    current = match self
+                        .retrying("reading a SecurityIdentity", || self.api.get_opt(&name))
+                        .await
+                    {
+                        Ok(Some(o)) => parse(&o)?.map(|(_, s)| s),
+                        Ok(None) => None,
+                        Err(e) => return Err(api_error(&e)),
+                    };
                     match &current {
                         Some(s) => {
                             self.seen().insert(id, s.clone());
@@ -494,46 +509,14 @@ impl IdentityStore for KubeIdentityStore {
     fn changes(&self) -> Option<watch::Receiver<u64>> {
         Some(self.changes.clone())
     }
-}
 
-/// Watches the SecurityIdentities and ticks `tx` for every change this
-/// replica has not seen (made by another writer), and after every relist.
-async fn follow(
-    api: Api<SecurityIdentity>,
-    seen: Arc<Mutex<SeenMap>>,
-    tx: watch::Sender<u64>,
-    shutdown: CancellationToken,
-) {
-    let mut events = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
-    let known = |o: &SecurityIdentity, deleted: bool| {
-        let Some(id) = id_of(o) else { return true };
-        let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
-        let at = revision(&o.metadata).ok();
-        match seen.get(&id) {
-            Some(s) => !deleted && Some(s.rv) == at,
-            None => deleted,
-        }
-    };
-    loop {
-        let event = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            e = events.next() => e,
-        };
-        let changed = match event {
-            None => return,
-            Some(Ok(watcher::Event::Apply(o))) => !known(&o, false),
-            Some(Ok(watcher::Event::Delete(o))) => !known(&o, true),
-            Some(Ok(watcher::Event::InitDone)) => true,
-            Some(Ok(_)) => false,
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "watching SecurityIdentities; backing off");
-                false
-            }
-        };
-        if changed {
-            tx.send_modify(|n| *n += 1);
-        }
+    fn readiness(
+        &self,
+        unready_after: Duration,
+        shutdown: CancellationToken,
+    ) -> watch::Receiver<Readiness> {
+        let (tx, rx) = watch::channel(Readiness::Ready);
+        tokio::spawn(self.health.clone().report(unready_after, tx, shutdown));
+        rx
     }
 }

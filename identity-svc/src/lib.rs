@@ -47,8 +47,9 @@ use std::{sync::Arc, time::Duration};
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use weft_common::{grpc::GrpcServer, shutdown::Shutdown};
-use weft_proto::watcher::v1::Kind;
+use tonic::server::NamedService as _;
+use weft_common::{backoff, grpc::GrpcServer, shutdown::Shutdown};
+use weft_proto::{identity::v1::identity_server::IdentityServer, watcher::v1::Kind};
 
 pub use config::{Args, Config, StoreKind};
 
@@ -78,8 +79,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     serve(config, listener, shutdown.token()).await
 }
 
-/// Serves on `listener` until `shutdown` fires (or the store fails, which
-/// returns an error).
+/// Serves on `listener` until `shutdown` fires (or the store cannot be
+/// opened at all, which returns an error). Later store trouble is ridden
+/// out: reads are answered from memory, writes fail after the retry
+/// budget, health says NOT_SERVING while it lasts (see [`state`]).
 pub async fn serve(
     config: Config,
     listener: TcpListener,
@@ -93,10 +96,15 @@ pub async fn serve(
             serve_with(store, config, listener, shutdown).await
         }
         StoreKind::Kubernetes => {
-            let client = weft_k8s::client::connect(config.kubeconfig.as_deref())
-                .await
-                .context("connecting to the Kubernetes API")?;
-            let store = kube_store::KubeIdentityStore::start(client, shutdown.clone());
+            // Every answer and every failure of the client's requests,
+            // resumed watches included, tells the store's health.
+            let health = weft_k8s::retry::ApiHealth::new();
+            let client =
+                weft_k8s::client::connect(config.kubeconfig.as_deref(), Some(health.observer()))
+                    .await
+                    .context("connecting to the Kubernetes API")?;
+            let store =
+                kube_store::KubeIdentityStore::start(client, health, config.api, shutdown.clone());
             serve_with(store, config, listener, shutdown).await
         }
     }
@@ -110,6 +118,7 @@ pub async fn serve_with<S: store::IdentityStore>(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let changes = store.changes();
+    let readiness = store.readiness(config.api.unready_after, shutdown.clone());
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::Metrics::new(&mut registry);
     let ids = Arc::new(state::Identities::open(store, metrics, config.gc_grace_period).await?);
@@ -124,27 +133,30 @@ pub async fn serve_with<S: store::IdentityStore>(
         shutdown.clone(),
         None,
     );
-    let follower = tokio::spawn(stop_on_error(
-        "pod follower",
+    // The background work rides out store trouble (it tries again); only
+    // its end (shutdown, or a panic) ends the service.
+    let follower = tokio::spawn(stop_when_done(
         shutdown.clone(),
         pods::follow(ids.clone(), events, shutdown.clone()),
     ));
-    let collector = tokio::spawn(stop_on_error(
-        "identity collector",
+    let collector = tokio::spawn(stop_when_done(
         shutdown.clone(),
         collect_every(ids.clone(), config.gc_interval, shutdown.clone()),
     ));
-
-    let resyncer = tokio::spawn(stop_on_error(
-        "identity resync",
+    let resyncer = tokio::spawn(stop_when_done(
         shutdown.clone(),
         resync_on_changes(ids.clone(), changes, shutdown.clone()),
     ));
 
-    let server = GrpcServer::new()
-        .tls(config.tls.clone())
-        .add_service(grpc::IdentityService::new(ids, shutdown.clone()).server())
-        .serve_tcp(listener, shutdown.clone());
+    let server = weft_common::readiness::serve_tcp(
+        GrpcServer::new()
+            .tls(config.tls.clone())
+            .add_service(grpc::IdentityService::new(ids, shutdown.clone()).server()),
+        listener,
+        IdentityServer::<grpc::IdentityService<S>>::NAME,
+        readiness,
+        shutdown.clone(),
+    );
     let served = tokio::select! {
         r = server => r,
         // A client that never closes its connection must not hold up a
@@ -158,29 +170,18 @@ pub async fn serve_with<S: store::IdentityStore>(
         }
     };
     shutdown.cancel();
-    let followed = follower.await.context("pod follower panicked")?;
-    let collected = collector.await.context("identity collector panicked")?;
-    let resynced = resyncer.await.context("identity resync panicked")?;
+    follower.await.context("pod follower panicked")?;
+    collector.await.context("identity collector panicked")?;
+    resyncer.await.context("identity resync panicked")?;
     served?;
-    followed?;
-    collected?;
-    resynced?;
     tracing::info!("stopped");
     Ok(())
 }
 
-/// Runs `task`; whatever ends it (an error above all) ends the service.
-async fn stop_on_error(
-    what: &'static str,
-    shutdown: CancellationToken,
-    task: impl Future<Output = Result<(), state::IdentityError>>,
-) -> Result<(), state::IdentityError> {
-    let result = task.await;
-    if let Err(e) = &result {
-        tracing::error!(error = %e, "{what} failed; stopping");
-    }
+/// Runs `task`; whatever ends it ends the service.
+async fn stop_when_done(shutdown: CancellationToken, task: impl Future<Output = ()>) {
+    task.await;
     shutdown.cancel();
-    result
 }
 
 /// Reloads the table shortly after another replica changed the shared
@@ -189,22 +190,32 @@ async fn resync_on_changes<S: store::IdentityStore>(
     ids: Arc<state::Identities<S>>,
     changes: Option<tokio::sync::watch::Receiver<u64>>,
     shutdown: CancellationToken,
-) -> Result<(), state::IdentityError> {
+) {
     let Some(mut changes) = changes else {
         shutdown.cancelled().await;
-        return Ok(());
+        return;
     };
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            r = changes.changed() => if r.is_err() { return Ok(()) },
+            _ = shutdown.cancelled() => return,
+            r = changes.changed() => if r.is_err() { return },
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(RESYNC_DEBOUNCE) => {}
+        let mut backoff = backoff::store_retry();
+        let mut delay = RESYNC_DEBOUNCE;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            changes.borrow_and_update();
+            match ids.resync().await {
+                Ok(()) => break,
+                Err(e) => {
+                    delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?delay, "reloading the identities failed");
+                }
+            }
         }
-        changes.borrow_and_update();
-        ids.resync().await?;
     }
 }
 
@@ -213,14 +224,16 @@ async fn collect_every<S: store::IdentityStore>(
     ids: Arc<state::Identities<S>>,
     interval: Duration,
     shutdown: CancellationToken,
-) -> Result<(), state::IdentityError> {
+) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        ids.collect().await?;
+        if let Err(e) = ids.collect().await {
+            tracing::warn!(error = %e, "collecting identities failed; trying again at the next sweep");
+        }
     }
 }

@@ -22,13 +22,14 @@ use std::{
 use futures::{FutureExt as _, Stream, StreamExt as _};
 use tokio_util::sync::CancellationToken;
 use weft_common::{
+    backoff,
     labels::security_labels,
     watch::{Applied, Mirror, ObjKey},
 };
 use weft_proto::watcher::v1::{Kind, Pod, WatchEvent, resource, watch_event::Event};
 
 use crate::{
-    state::{Identities, IdentityError},
+    state::Identities,
     store::IdentityStore,
     table::{Change, Labels, Table},
 };
@@ -57,6 +58,13 @@ impl Dirty {
         !self.all && self.pods.is_empty() && self.namespaces.is_empty()
     }
 
+    /// Adds what `other` names (work that could not be done yet).
+    fn merge(&mut self, other: Dirty) {
+        self.all |= other.all;
+        self.pods.extend(other.pods);
+        self.namespaces.extend(other.namespaces);
+    }
+
     /// Notes what one event changed.
     pub fn note(&mut self, applied: Applied, event: &WatchEvent) {
         if matches!(event.event, Some(Event::Synced(_))) {
@@ -78,37 +86,56 @@ impl Dirty {
     }
 }
 
-/// Runs until `events` ends or `shutdown` fires; an error means the store
-/// failed and the service must stop.
+/// Runs until `events` ends or `shutdown` fires. Work the store refused
+/// (an API outage) is kept and tried again after a back-off, or with the
+/// next event, whichever comes first.
 pub async fn follow<S: IdentityStore>(
     ids: Arc<Identities<S>>,
     events: impl Stream<Item = WatchEvent> + Send,
     shutdown: CancellationToken,
-) -> Result<(), IdentityError> {
+) {
     let mut events = std::pin::pin!(events);
     let mut mirror = Mirror::new();
     let mut dirty = Dirty::default();
+    let mut backoff = backoff::store_retry();
+    let mut retry_at: Option<tokio::time::Instant> = None;
     loop {
-        let first = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            e = events.next() => e,
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            e = events.next() => Some(e),
+            _ = backoff::sleep_until(retry_at), if retry_at.is_some() => None,
         };
-        let Some(first) = first else { return Ok(()) };
-        dirty.note(mirror.apply(&first), &first);
-        let mut batched = 1;
-        while batched < MAX_BATCH {
-            match events.next().now_or_never() {
-                Some(Some(event)) => {
-                    dirty.note(mirror.apply(&event), &event);
-                    batched += 1;
+        if let Some(first) = next {
+            let Some(first) = first else { return };
+            dirty.note(mirror.apply(&first), &first);
+            let mut batched = 1;
+            while batched < MAX_BATCH {
+                match events.next().now_or_never() {
+                    Some(Some(event)) => {
+                        dirty.note(mirror.apply(&event), &event);
+                        batched += 1;
+                    }
+                    _ => break,
                 }
-                _ => break,
             }
         }
         if mirror.is_synced() && !dirty.is_empty() {
             let work = std::mem::take(&mut dirty);
-            ids.update(|t, now, c| reconcile(t, &mirror, &work, now, c))
-                .await?;
+            match ids
+                .update(|t, now, c| reconcile(t, &mirror, &work, now, c))
+                .await
+            {
+                Ok(()) => {
+                    backoff.reset();
+                    retry_at = None;
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?delay, "pod references not written; trying again");
+                    dirty.merge(work);
+                    retry_at = Some(tokio::time::Instant::now() + delay);
+                }
+            }
         }
     }
 }

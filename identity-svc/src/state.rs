@@ -1,29 +1,42 @@
 //! The service's identity table with its store, the event feed of `Watch`
-//! and the metrics, behind one lock.
+//! and the metrics.
 //!
-//! The lock is held across the store commit, so nobody (a caller, a `Watch`
-//! subscriber) sees an identity or a reference before it is durable. If a
-//! commit fails, memory may be ahead of the disk; rather than guess, the
-//! table refuses further use and the service stops, to come back from what
-//! is on disk.
+//! Two copies of the table, so that no reader ever waits for the store:
+//!
+//! - the *working* table, behind an async mutex that serialises the
+//!   writers: an operation plans on it, and the mutex is held while its
+//!   plan is committed (each plan must start from the last one's result,
+//!   and the store's optimistic loops expect one writer per replica);
+//! - the *published* table, behind a lock held only for memory work and
+//!   never across a store call: what `Get`, `List` and `Watch` answer from,
+//!   always the table as last committed, so nobody sees an identity or a
+//!   reference before it is durable. After a commit the operation runs
+//!   again on it (it is deterministic, and both copies were equal), and its
+//!   changes go to `Watch` subscribers under the same lock.
+//!
+//! During an API outage reads keep being answered from memory; writes fail
+//! once the store's retry budget is spent. If a commit fails, the working
+//! copy may be ahead of the store; it is marked stale and reloaded from the
+//! store before the next write (nothing of it was published).
 //!
 //! With a shared store (other replicas write too) a commit can come back
-//! [`Committed::Diverged`]: the table is rebuilt from the store's answer,
+//! [`Committed::Diverged`]: both copies are rebuilt from the store's answer,
 //! subscribers are told what differs, and the operation runs again on the
 //! true table, a few rounds at most. Changes other replicas make reach
 //! this one's table and `Watch` stream through [`Identities::resync`].
 
 use std::{
     collections::BTreeMap,
+    sync::{RwLock, RwLockReadGuard, RwLockWriteGuard},
     time::{Duration, Instant},
 };
 
-use tokio::sync::{Mutex, MutexGuard, broadcast};
+use tokio::sync::{Mutex, broadcast};
 use weft_proto::identity::v1::{IdentityEvent, SecurityIdentity, identity_event::Event};
 
 use crate::{
     metrics::Metrics,
-    store::{Committed, IdentityStore, StoreError},
+    store::{Committed, IdentityStore, StoreError, Stored},
     table::{Change, Exhausted, Labels, Table},
 };
 
@@ -40,20 +53,23 @@ pub enum IdentityError {
     Exhausted(#[from] Exhausted),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("an earlier store write failed; the service is stopping")]
-    Failed,
+    #[error("the identity was allocated but is gone from the table")]
+    Vanished,
     #[error("other replicas kept changing the identities; try again")]
     Contended,
 }
 
-struct Inner {
+/// The writers' side.
+struct Writer {
     table: Table,
-    failed: bool,
+    /// A commit failed: the table may be ahead of the store.
+    stale: bool,
 }
 
 pub struct Identities<S> {
     store: S,
-    inner: Mutex<Inner>,
+    writer: Mutex<Writer>,
+    published: RwLock<Table>,
     events: broadcast::Sender<IdentityEvent>,
     metrics: Metrics,
     grace: Duration,
@@ -82,9 +98,10 @@ impl<S: IdentityStore> Identities<S> {
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         Ok(Self {
             store,
-            inner: Mutex::new(Inner {
+            published: RwLock::new(table.clone()),
+            writer: Mutex::new(Writer {
                 table,
-                failed: false,
+                stale: false,
             }),
             events,
             metrics,
@@ -92,66 +109,84 @@ impl<S: IdentityStore> Identities<S> {
         })
     }
 
+    fn read(&self) -> RwLockReadGuard<'_, Table> {
+        // Nothing panics while holding it; a poisoned lock still holds a
+        // whole table.
+        self.published.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Table> {
+        self.published.write().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Runs `f` on the table, makes what it changed durable, then reports it
     /// (metrics, logs, `Watch`). What `f` changed is committed even when it
     /// returns an error for part of its work. With a shared store that
     /// another writer changed first, the table is rebuilt from the store and
-    /// `f` runs again, until it changes nothing or its changes hold.
+    /// `f` runs again, until it changes nothing or its changes hold. `f`
+    /// must be deterministic: it runs once more on the published copy.
     pub async fn update<T>(
         &self,
         mut f: impl FnMut(&mut Table, Instant, &mut Change) -> T,
     ) -> Result<T, IdentityError> {
-        let mut inner = self.usable().await?;
+        let mut w = self.writer.lock().await;
+        if w.stale {
+            let stored = self.store.load().await?;
+            tracing::info!("reloaded the identities after a failed write");
+            self.replace_table(&mut w, stored);
+        }
         for _ in 0..MAX_ROUNDS {
+            let now = Instant::now();
             let mut change = Change::default();
-            let out = f(&mut inner.table, Instant::now(), &mut change);
-            if change.ops.is_empty() {
-                self.publish(&inner.table, &change);
-                return Ok(out);
-            }
-            match self.store.commit(&change.ops).await {
-                Ok(Committed::AsPlanned) => {
-                    self.publish(&inner.table, &change);
-                    return Ok(out);
-                }
-                Ok(Committed::Diverged(stored)) => {
-                    tracing::info!(
-                        "another replica came first; running again on the store's table"
-                    );
-                    self.replace_table(&mut inner, stored);
-                }
-                Err(e) => {
-                    inner.failed = true;
-                    return Err(e.into());
+            let out = f(&mut w.table, now, &mut change);
+            if !change.ops.is_empty() {
+                match self.store.commit(&change.ops).await {
+                    Ok(Committed::AsPlanned) => {}
+                    Ok(Committed::Diverged(stored)) => {
+                        tracing::info!(
+                            "another replica came first; running again on the store's table"
+                        );
+                        self.replace_table(&mut w, stored);
+                        continue;
+                    }
+                    Err(e) => {
+                        w.stale = true;
+                        return Err(e.into());
+                    }
                 }
             }
+            let mut published = self.write();
+            let mut again = Change::default();
+            f(&mut published, now, &mut again);
+            if again.ops != change.ops {
+                tracing::error!(
+                    "an operation planned differently on the published table; publishing the working copy"
+                );
+                *published = w.table.clone();
+            }
+            self.publish(&published, &change);
+            return Ok(out);
         }
         Err(IdentityError::Contended)
     }
 
     /// Reloads the table from the store (another replica changed it) and
-    /// tells subscribers what differs.
+    /// tells subscribers what differs. Readers are not held up meanwhile.
     pub async fn resync(&self) -> Result<(), IdentityError> {
-        let mut inner = self.usable().await?;
-        match self.store.load().await {
-            Ok(stored) => {
-                self.replace_table(&mut inner, stored);
-                Ok(())
-            }
-            Err(e) => {
-                inner.failed = true;
-                Err(e.into())
-            }
-        }
+        let mut w = self.writer.lock().await;
+        let stored = self.store.load().await?;
+        self.replace_table(&mut w, stored);
+        Ok(())
     }
 
-    /// Makes the table what the store holds and publishes the difference.
-    fn replace_table(&self, inner: &mut Inner, stored: crate::store::Stored) {
-        let next = inner
+    /// Makes both copies what the store holds and publishes the difference.
+    fn replace_table(&self, w: &mut Writer, stored: Stored) {
+        let next = w
             .table
             .rebuilt(stored.identities, stored.owners, Instant::now());
+        let mut published = self.write();
         let before: BTreeMap<u32, SecurityIdentity> =
-            inner.table.list().into_iter().map(|i| (i.id, i)).collect();
+            published.list().into_iter().map(|i| (i.id, i)).collect();
         let after: BTreeMap<u32, SecurityIdentity> =
             next.list().into_iter().map(|i| (i.id, i)).collect();
         for (id, identity) in &after {
@@ -166,8 +201,10 @@ impl<S: IdentityStore> Identities<S> {
                 event: Some(Event::Delete(*id)),
             });
         }
-        inner.table = next;
-        self.metrics.identities.set(inner.table.len() as i64);
+        *published = next.clone();
+        w.table = next;
+        w.stale = false;
+        self.metrics.identities.set(published.len() as i64);
     }
 
     fn publish(&self, table: &Table, change: &Change) {
@@ -217,7 +254,7 @@ impl<S: IdentityStore> Identities<S> {
                     .map(|id| t.get(id))
             })
             .await??;
-        got.ok_or(IdentityError::Failed)
+        got.ok_or(IdentityError::Vanished)
     }
 
     /// Drops the owner's reference; returns the identities it left
@@ -240,29 +277,21 @@ impl<S: IdentityStore> Identities<S> {
         .await
     }
 
-    pub async fn get(&self, id: u32) -> Result<Option<SecurityIdentity>, IdentityError> {
-        Ok(self.usable().await?.table.get(id))
+    /// One identity, as last committed; never waits for the store.
+    pub fn get(&self, id: u32) -> Option<SecurityIdentity> {
+        self.read().get(id)
     }
 
-    pub async fn list(&self) -> Result<Vec<SecurityIdentity>, IdentityError> {
-        Ok(self.usable().await?.table.list())
+    /// The whole table, as last committed; never waits for the store.
+    pub fn list(&self) -> Vec<SecurityIdentity> {
+        self.read().list()
     }
 
     /// The whole table, and a feed of the changes after it: both taken under
-    /// the lock, so nothing falls between them.
-    pub async fn watch(
-        &self,
-    ) -> Result<(Vec<SecurityIdentity>, broadcast::Receiver<IdentityEvent>), IdentityError> {
-        let inner = self.usable().await?;
-        Ok((inner.table.list(), self.events.subscribe()))
-    }
-
-    async fn usable(&self) -> Result<MutexGuard<'_, Inner>, IdentityError> {
-        let inner = self.inner.lock().await;
-        if inner.failed {
-            return Err(IdentityError::Failed);
-        }
-        Ok(inner)
+    /// the published lock, so nothing falls between them.
+    pub fn watch(&self) -> (Vec<SecurityIdentity>, broadcast::Receiver<IdentityEvent>) {
+        let table = self.read();
+        (table.list(), self.events.subscribe())
     }
 }
 
@@ -288,7 +317,7 @@ mod tests {
         let (a, b);
         {
             let ids = open(dir.path()).await;
-            let (snapshot, mut feed) = ids.watch().await.expect("watch");
+            let (snapshot, mut feed) = ids.watch();
             assert!(snapshot.iter().all(|i| i.reserved));
             a = ids.allocate(labels("a"), Some("o1")).await.expect("a");
             b = ids.allocate(labels("b"), None).await.expect("b");
@@ -299,14 +328,64 @@ mod tests {
             assert_eq!(first, a);
         }
         let ids = open(dir.path()).await;
-        let again = ids.get(a.id).await.expect("get").expect("present");
+        let again = ids.get(a.id).expect("present");
         assert_eq!(again, a);
         // b had no owner: with a zero grace it goes at the first sweep, a
         // (still referenced) stays.
         assert_eq!(ids.collect().await.expect("gc"), 1);
-        assert!(ids.get(b.id).await.expect("get").is_none());
+        assert!(ids.get(b.id).is_none());
         assert_eq!(ids.release("o1").await.expect("release"), vec![a.id]);
         assert_eq!(ids.collect().await.expect("gc"), 1);
-        assert!(ids.list().await.expect("list").iter().all(|i| i.reserved));
+        assert!(ids.list().iter().all(|i| i.reserved));
+    }
+
+    /// The sled store, with commits that wait until the test lets them go.
+    struct Held(SledIdentityStore, std::sync::Arc<tokio::sync::Semaphore>);
+
+    impl IdentityStore for Held {
+        async fn load(&self) -> Result<Stored, StoreError> {
+            self.0.load().await
+        }
+
+        async fn commit(&self, ops: &[crate::store::Op]) -> Result<Committed, StoreError> {
+            let _go = self.1.acquire().await;
+            self.0.commit(ops).await
+        }
+    }
+
+    #[tokio::test]
+    async fn reads_are_answered_while_a_write_waits_for_the_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+        let store = Held(
+            SledIdentityStore::open(dir.path()).expect("open"),
+            gate.clone(),
+        );
+        let ids = std::sync::Arc::new(
+            Identities::open(store, Metrics::default(), Duration::ZERO)
+                .await
+                .expect("load"),
+        );
+        let (_, mut feed) = ids.watch();
+        let pending = tokio::spawn({
+            let ids = ids.clone();
+            async move { ids.allocate(labels("a"), Some("o1")).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!pending.is_finished());
+        // Nothing of the pending write shows, and nothing waits for it.
+        assert!(ids.list().iter().all(|i| i.reserved));
+        assert!(ids.get(256).is_none());
+        let (snapshot, _) = ids.watch();
+        assert!(snapshot.iter().all(|i| i.reserved));
+        assert!(feed.try_recv().is_err());
+
+        gate.add_permits(1);
+        let a = pending.await.expect("task").expect("allocated");
+        assert_eq!(ids.get(a.id), Some(a.clone()));
+        let Some(Event::Upsert(first)) = feed.recv().await.expect("event").event else {
+            panic!("expected an upsert")
+        };
+        assert_eq!(first, a);
     }
 }

@@ -81,6 +81,18 @@ pub trait IdentityStore: Send + Sync + 'static {
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
     }
+
+    /// Whether the store can be written now: NotReady once it has failed
+    /// to reach its backend for `unready_after`, until `shutdown`. A local
+    /// store is always ready.
+    fn readiness(
+        &self,
+        unready_after: std::time::Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> tokio::sync::watch::Receiver<weft_common::readiness::Readiness> {
+        let _ = (unready_after, shutdown);
+        weft_common::readiness::always_ready()
+    }
 }
 
 /// The sled backend: one tree, so a batch is atomic. Keys are

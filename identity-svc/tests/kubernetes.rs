@@ -10,18 +10,19 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use common::{
     fake_watcher::FakeWatcher,
-    process::{Proc, eventually},
+    process::{Proc, eventually, health_becomes},
 };
 use rand::Rng as _;
 use serde_json::json;
+use tonic_health::pb::health_check_response::ServingStatus;
 use weft_fake_apiserver::{Failure, FakeApiServer};
 use weft_proto::identity::v1::{
-    AllocateRequest, ListRequest, ReleaseRequest, SecurityIdentity as Identity,
+    AllocateRequest, GetRequest, ListRequest, ReleaseRequest, SecurityIdentity as Identity,
     identity_client::IdentityClient,
 };
 
@@ -365,4 +366,139 @@ async fn a_stale_owner_update_gets_409_and_is_retried() {
         api_table(&server).is_empty().then_some(())
     })
     .await;
+}
+
+/// Runs `call` and says how long it took; panics beyond `limit`.
+async fn timed<T>(limit: Duration, what: &str, call: impl Future<Output = T>) -> (T, Duration) {
+    let started = Instant::now();
+    let out = tokio::time::timeout(limit, call)
+        .await
+        .unwrap_or_else(|_| panic!("{what} took longer than {limit:?}"));
+    (out, started.elapsed())
+}
+
+/// The API answers 503 to everything: List and Get are answered from
+/// memory at once while an Allocate waits for the API, health turns
+/// NOT_SERVING after the bound, the Allocate fails within the retry
+/// budget (not minutes inside the client), a later one fails at once, and
+/// after the API is back health is SERVING again and allocations work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_an_api_outage_reads_answer_from_memory_and_writes_fail_within_the_budget() {
+    const BUDGET: Duration = Duration::from_secs(4);
+    const BOUND: Duration = Duration::from_secs(2);
+    const SERVICE: &str = "weft.identity.v1.Identity";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, kubeconfig) = api(dir.path()).await;
+    let watcher = FakeWatcher::start().await;
+    let flags = ["--api-retry-budget", "4s", "--api-unready-after", "2s"];
+    let mut p = Proc::start(
+        BIN,
+        &args(dir.path(), &watcher, &kubeconfig, &flags),
+        &dir.path().join("identity.log"),
+    );
+    let channel = p.wait_serving().await;
+    let mut c = IdentityClient::new(channel.clone());
+    let allocate = |set: &str| AllocateRequest {
+        labels: set_labels(set),
+        owner: format!("owner-{set}"),
+    };
+    let before = c
+        .allocate(allocate("before"))
+        .await
+        .expect("Allocate")
+        .into_inner();
+
+    server.set_unavailable(true);
+    let outage = Instant::now();
+    let pending = tokio::spawn({
+        let mut c = c.clone();
+        async move {
+            let started = Instant::now();
+            let r = c.allocate(allocate("during")).await;
+            (r, started.elapsed())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!pending.is_finished(), "the Allocate waits for the API");
+
+    // Reads do not wait for it.
+    let (list, took) = timed(Duration::from_secs(1), "List", c.list(ListRequest {})).await;
+    let list = list.expect("List during the outage").into_inner();
+    assert!(allocated(&list.identities).contains_key(&before.id));
+    println!(
+        "identity-svc List answered in {:.3} s with an Allocate pending in a 503 outage",
+        took.as_secs_f64()
+    );
+    let (got, took) = timed(
+        Duration::from_secs(1),
+        "Get",
+        c.get(GetRequest { id: before.id }),
+    )
+    .await;
+    assert_eq!(got.expect("Get during the outage").into_inner(), before);
+    assert!(took < Duration::from_secs(1));
+
+    // Health says what is true, after the bound.
+    health_becomes(&channel, SERVICE, ServingStatus::NotServing, BUDGET + WAIT).await;
+    let unready_at = outage.elapsed();
+    println!(
+        "identity-svc NOT_SERVING {:.1} s into the outage (bound {BOUND:?})",
+        unready_at.as_secs_f64()
+    );
+    assert!(
+        unready_at >= BOUND - Duration::from_millis(300),
+        "{unready_at:?}"
+    );
+    assert!(
+        unready_at < BOUND + Duration::from_secs(2),
+        "{unready_at:?}"
+    );
+
+    // The pending Allocate fails within the budget, as Unavailable.
+    let (result, took) = pending.await.expect("allocate task");
+    let err = result.expect_err("no identity without the API");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    println!(
+        "identity-svc's pending Allocate failed after {:.1} s (retry budget {BUDGET:?})",
+        took.as_secs_f64()
+    );
+    assert!(took < BUDGET + Duration::from_secs(2), "{took:?}");
+    // The API has failed for a whole budget: the next write tries once.
+    let (again, took) = timed(
+        Duration::from_secs(3),
+        "Allocate after the budget",
+        c.allocate(allocate("later")),
+    )
+    .await;
+    assert_eq!(
+        again.expect_err("still down").code(),
+        tonic::Code::Unavailable
+    );
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+    let (list, _) = timed(Duration::from_secs(1), "List", c.list(ListRequest {})).await;
+    assert_eq!(
+        allocated(&list.expect("List").into_inner().identities).len(),
+        1,
+        "nothing half-written is shown"
+    );
+
+    server.set_unavailable(false);
+    let back = Instant::now();
+    health_becomes(&channel, SERVICE, ServingStatus::Serving, WAIT).await;
+    let serving = back.elapsed();
+    let id = c
+        .allocate(allocate("during"))
+        .await
+        .expect("Allocate after the outage")
+        .into_inner()
+        .id;
+    let writable = back.elapsed();
+    println!(
+        "identity-svc SERVING {:.2} s after the API answered again, first allocation done at {:.2} s",
+        serving.as_secs_f64(),
+        writable.as_secs_f64()
+    );
+    assert!(serving < Duration::from_secs(3), "{serving:?}");
+    assert_ne!(id, before.id);
+    assert_eq!(api_table(&server).len(), 2);
 }

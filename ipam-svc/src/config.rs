@@ -6,6 +6,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use ipnet::{IpNet, Ipv4Net};
 use weft_common::config::CommonArgs;
+use weft_k8s::config::{ApiArgs, ApiConfig};
 
 /// The longest per-node mask: a /30 still leaves two usable pod addresses.
 pub const MAX_MASK_SIZE: u8 = 30;
@@ -78,6 +79,10 @@ pub struct Args {
     /// The prefix length of each node's block (cluster-pool mode).
     #[arg(long, env = "WEFT_CLUSTER_POOL_IPV4_MASK_SIZE", default_value_t = 24)]
     pub cluster_pool_ipv4_mask_size: u8,
+
+    /// Retry budget and readiness bound of `--store kubernetes`.
+    #[command(flatten)]
+    pub api: ApiArgs,
 
     #[command(flatten)]
     pub common: CommonArgs,
@@ -160,6 +165,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     pub store: StoreKind,
     pub kubeconfig: Option<PathBuf>,
+    /// How the Kubernetes store uses the API.
+    pub api: ApiConfig,
     /// Mutual TLS for the gRPC listener and the svc-watcher client.
     pub tls: Option<weft_common::tls::TlsConfig>,
 }
@@ -187,6 +194,7 @@ impl Config {
         Ok(Self {
             store: args.store,
             kubeconfig: args.kubeconfig.clone(),
+            api: args.api.validate()?,
             listen: args.listen,
             state_dir: args.state_dir.clone(),
             watcher: args.watcher.clone(),

@@ -11,10 +11,7 @@ use weft_proto::ipam::v1::{
     WatchRequest, allocation_event::Event, ipam_server,
 };
 
-use crate::{
-    state::{Ipam, IpamError},
-    store::CidrStore,
-};
+use crate::{state::Ipam, store::CidrStore};
 
 pub struct IpamService<S> {
     ipam: Arc<Ipam<S>>,
@@ -33,13 +30,6 @@ impl<S: CidrStore> IpamService<S> {
     }
 }
 
-fn status(e: IpamError) -> Status {
-    match e {
-        IpamError::Failed => Status::unavailable(e.to_string()),
-        IpamError::Store(e) => Status::internal(e.to_string()),
-    }
-}
-
 type EventStream = Pin<Box<dyn Stream<Item = Result<AllocationEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -52,7 +42,7 @@ impl<S: CidrStore> ipam_server::Ipam for IpamService<S> {
         if node.is_empty() {
             return Err(Status::invalid_argument("node: must not be empty"));
         }
-        match self.ipam.get(&node).await.map_err(status)? {
+        match self.ipam.get(&node) {
             Some(cidr) => Ok(Response::new(NodeAllocation {
                 node,
                 cidr: cidr.to_string(),
@@ -64,13 +54,13 @@ impl<S: CidrStore> ipam_server::Ipam for IpamService<S> {
     }
 
     async fn list(&self, _: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
-        Ok(Response::new(self.ipam.list().await.map_err(status)?))
+        Ok(Response::new(self.ipam.list()))
     }
 
     type WatchStream = EventStream;
 
     async fn watch(&self, _: Request<WatchRequest>) -> Result<Response<EventStream>, Status> {
-        let (snapshot, feed) = self.ipam.watch().await.map_err(status)?;
+        let (snapshot, feed) = self.ipam.watch();
         let initial = snapshot
             .into_iter()
             .map(Event::Allocated)

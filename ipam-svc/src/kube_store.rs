@@ -35,27 +35,23 @@ use std::{
     time::Duration,
 };
 
-use futures::StreamExt as _;
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Node;
 use kube::{
     Api, Client, ResourceExt as _,
     api::{DeleteParams, ListParams, ObjectMeta, PostParams, Preconditions},
-    runtime::{WatchStreamExt as _, watcher},
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use weft_common::backoff::Backoff;
+use weft_common::readiness::Readiness;
 use weft_k8s::{
     api::{self as k8s, label_value, revision},
+    config::ApiConfig,
     crd::{MANAGED_BY_LABEL, NODE_LABEL, NodeCIDR, NodeCIDRSpec, node_cidr_name},
+    retry::ApiHealth,
 };
 
 use crate::store::{CidrOp, CidrStore, Committed, StoreError};
-
-/// How long transient API trouble (unreachable, 5xx, 429) is retried before
-/// a store call fails, which stops the service.
-const RETRY_BUDGET: Duration = Duration::from_secs(60);
 
 /// An object as last seen: its revision and what it says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,55 +84,62 @@ pub struct KubeCidrStore {
     /// name → the object as this replica last read or wrote it.
     seen: Arc<Mutex<BTreeMap<String, Seen>>>,
     changes: watch::Receiver<u64>,
+    health: ApiHealth,
+    config: ApiConfig,
 }
 
 fn api_error(e: &kube::Error) -> StoreError {
     StoreError::Api(e.to_string())
 }
 
-/// Whether an error is worth retrying: transport trouble and the server's
-/// "try again" answers. Everything else is a real answer.
-fn transient(e: &kube::Error) -> bool {
-    match k8s::status_code(e) {
-        None => true,
-        Some(code) => code == 429 || code >= 500,
-    }
-}
-
-/// Runs `call` until it gives a real answer, backing off over transient
-/// errors for up to [`RETRY_BUDGET`].
-async fn retrying<T, F, Fut>(what: &str, mut call: F) -> Result<T, kube::Error>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, kube::Error>>,
-{
-    let deadline = tokio::time::Instant::now() + RETRY_BUDGET;
-    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
-    loop {
-        match call().await {
-            Err(e) if transient(&e) && tokio::time::Instant::now() < deadline => {
-                tracing::warn!(error = %e, "{what}: Kubernetes API trouble; retrying");
-                tokio::time::sleep(backoff.next_delay()).await;
-            }
-            other => return other,
-        }
-    }
-}
-
 impl KubeCidrStore {
     /// Starts following the NodeCIDRs (for [`CidrStore::changes`]) until
-    /// `shutdown`.
-    pub fn start(client: Client, shutdown: CancellationToken) -> Self {
+    /// `shutdown`. `health` is what the client's
+    /// observer feeds ([`ApiHealth::observer`]); the store's calls feed it too.
+    pub fn start(
+        client: Client,
+        health: ApiHealth,
+        config: ApiConfig,
+        shutdown: CancellationToken,
+    ) -> Self {
         let api: Api<NodeCIDR> = Api::all(client.clone());
         let seen: Arc<Mutex<BTreeMap<String, Seen>>> = Arc::default();
         let (tx, changes) = watch::channel(0u64);
-        tokio::spawn(follow(api.clone(), seen.clone(), tx, shutdown));
+        let known = {
+            let seen = seen.clone();
+            move |o: &NodeCIDR, deleted: bool| {
+                let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+                let at = revision(&o.metadata).ok();
+                match seen.get(&o.name_any()) {
+                    Some(s) => !deleted && Some(s.rv) == at,
+                    None => deleted,
+                }
+            }
+        };
+        tokio::spawn(weft_k8s::follow::changes(
+            api.clone(),
+            health.clone(),
+            known,
+            tx,
+            shutdown,
+        ));
         Self {
             api,
             nodes: Api::all(client),
             seen,
             changes,
+            health,
+            config,
         }
+    }
+
+    /// Runs one API call under the retry policy.
+    async fn retrying<T, F, Fut>(&self, what: &str, call: F) -> Result<T, kube::Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, kube::Error>>,
+    {
+        weft_k8s::retry::retrying(&self.health, self.config.retry, what, call).await
     }
 
     fn seen(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Seen>> {
@@ -165,7 +168,9 @@ impl KubeCidrStore {
             }),
             ..DeleteParams::default()
         };
-        let result = retrying("deleting a NodeCIDR", || self.api.delete(name, &params)).await;
+        let result = self
+            .retrying("deleting a NodeCIDR", || self.api.delete(name, &params))
+            .await;
         match result {
             Ok(_) => {
                 self.seen().remove(name);
@@ -187,7 +192,8 @@ impl KubeCidrStore {
         if let Some(l) = labels {
             params = params.labels(l);
         }
-        let list = retrying("listing NodeCIDRs", || self.api.list(&params))
+        let list = self
+            .retrying("listing NodeCIDRs", || self.api.list(&params))
             .await
             .map_err(|e| api_error(&e))?;
         list.items.iter().map(Self::parse).collect()
@@ -221,7 +227,9 @@ impl KubeCidrStore {
             },
         };
         let post = PostParams::default();
-        let created = retrying("creating a NodeCIDR", || self.api.create(&post, &object)).await;
+        let created = self
+            .retrying("creating a NodeCIDR", || self.api.create(&post, &object))
+            .await;
         let mine = match created {
             Ok(o) => {
                 let (name, seen) = Self::parse(&o)?;
@@ -320,7 +328,10 @@ impl CidrStore for KubeCidrStore {
     }
 
     async fn node_exists(&self, node: &str) -> Result<bool, StoreError> {
-        match retrying("reading a Node", || self.nodes.get_opt(node)).await {
+        match self
+            .retrying("reading a Node", || self.nodes.get_opt(node))
+            .await
+        {
             Ok(found) => Ok(found.is_some()),
             Err(e) if k8s::status_code(&e) == Some(403) => {
                 tracing::warn!(%node, "not allowed to read Nodes; trusting svc-watcher that the node is gone");
@@ -333,45 +344,14 @@ impl CidrStore for KubeCidrStore {
     fn changes(&self) -> Option<watch::Receiver<u64>> {
         Some(self.changes.clone())
     }
-}
 
-/// Watches the NodeCIDRs and ticks `tx` for every change this replica has
-/// not seen (made by another writer), and after every relist.
-async fn follow(
-    api: Api<NodeCIDR>,
-    seen: Arc<Mutex<BTreeMap<String, Seen>>>,
-    tx: watch::Sender<u64>,
-    shutdown: CancellationToken,
-) {
-    let mut events = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
-    let known = |o: &NodeCIDR, deleted: bool| {
-        let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
-        let at = revision(&o.metadata).ok();
-        match seen.get(&o.name_any()) {
-            Some(s) => !deleted && Some(s.rv) == at,
-            None => deleted,
-        }
-    };
-    loop {
-        let event = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            e = events.next() => e,
-        };
-        let changed = match event {
-            None => return,
-            Some(Ok(watcher::Event::Apply(o))) => !known(&o, false),
-            Some(Ok(watcher::Event::Delete(o))) => !known(&o, true),
-            Some(Ok(watcher::Event::InitDone)) => true,
-            Some(Ok(_)) => false,
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "watching NodeCIDRs; backing off");
-                false
-            }
-        };
-        if changed {
-            tx.send_modify(|n| *n += 1);
-        }
+    fn readiness(
+        &self,
+        unready_after: Duration,
+        shutdown: CancellationToken,
+    ) -> watch::Receiver<Readiness> {
+        let (tx, rx) = watch::channel(Readiness::Ready);
+        tokio::spawn(self.health.clone().report(unready_after, tx, shutdown));
+        rx
     }
 }

@@ -40,8 +40,9 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use weft_common::{grpc::GrpcServer, shutdown::Shutdown};
-use weft_proto::watcher::v1::Kind;
+use tonic::server::NamedService as _;
+use weft_common::{backoff, grpc::GrpcServer, shutdown::Shutdown};
+use weft_proto::{ipam::v1::ipam_server::IpamServer, watcher::v1::Kind};
 
 /// How long open gRPC connections get to close after SIGTERM.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
@@ -77,8 +78,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     serve(config, listener, shutdown.token()).await
 }
 
-/// Serves on `listener` until `shutdown` fires (or the store fails, which
-/// returns an error).
+/// Serves on `listener` until `shutdown` fires (or the store cannot be
+/// opened at all, which returns an error). Later store trouble is ridden
+/// out: reads are answered from memory, reconciles are tried again, health
+/// says NOT_SERVING while it lasts (see [`state`]).
 pub async fn serve(
     config: Config,
     listener: TcpListener,
@@ -92,10 +95,15 @@ pub async fn serve(
             serve_with(store, config, listener, shutdown).await
         }
         StoreKind::Kubernetes => {
-            let client = weft_k8s::client::connect(config.kubeconfig.as_deref())
-                .await
-                .context("connecting to the Kubernetes API")?;
-            let store = kube_store::KubeCidrStore::start(client, shutdown.clone());
+            // Every answer and every failure of the client's requests,
+            // resumed watches included, tells the store's health.
+            let health = weft_k8s::retry::ApiHealth::new();
+            let client =
+                weft_k8s::client::connect(config.kubeconfig.as_deref(), Some(health.observer()))
+                    .await
+                    .context("connecting to the Kubernetes API")?;
+            let store =
+                kube_store::KubeCidrStore::start(client, health, config.api, shutdown.clone());
             serve_with(store, config, listener, shutdown).await
         }
     }
@@ -109,6 +117,7 @@ pub async fn serve_with<S: store::CidrStore>(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let changes = store.changes();
+    let readiness = store.readiness(config.api.unready_after, shutdown.clone());
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::Metrics::new(&mut registry);
     let ipam = Arc::new(
@@ -136,13 +145,9 @@ pub async fn serve_with<S: store::CidrStore>(
         let ipam = ipam.clone();
         let shutdown = shutdown.clone();
         async move {
-            let result = nodes::follow(ipam, events, shutdown.clone()).await;
-            if let Err(e) = &result {
-                tracing::error!(error = %e, "allocation store failed; stopping");
-            }
+            nodes::follow(ipam, events, shutdown.clone()).await;
             // Whatever ended the follower ends the service.
             shutdown.cancel();
-            result
         }
     });
 
@@ -153,31 +158,44 @@ pub async fn serve_with<S: store::CidrStore>(
         let shutdown = shutdown.clone();
         async move {
             let Some(mut changes) = changes else {
-                return Ok(());
+                return;
             };
             loop {
                 tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    r = changes.changed() => if r.is_err() { return Ok(()) },
+                    _ = shutdown.cancelled() => return,
+                    r = changes.changed() => if r.is_err() { return },
                 }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(RESYNC_DEBOUNCE) => {}
-                }
-                changes.borrow_and_update();
-                if let Err(e) = ipam.resync().await {
-                    tracing::error!(error = %e, "reloading the allocations failed; stopping");
-                    shutdown.cancel();
-                    return Err(e);
+                // A failed reload (the store has trouble) is tried again
+                // after a back-off.
+                let mut backoff = backoff::store_retry();
+                let mut delay = RESYNC_DEBOUNCE;
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    changes.borrow_and_update();
+                    match ipam.resync().await {
+                        Ok(()) => break,
+                        Err(e) => {
+                            delay = backoff.next_delay();
+                            tracing::warn!(error = %e, retry_in = ?delay, "reloading the allocations failed");
+                        }
+                    }
                 }
             }
         }
     });
 
-    let server = GrpcServer::new()
-        .tls(config.tls.clone())
-        .add_service(grpc::IpamService::new(ipam, shutdown.clone()).server())
-        .serve_tcp(listener, shutdown.clone());
+    let server = weft_common::readiness::serve_tcp(
+        GrpcServer::new()
+            .tls(config.tls.clone())
+            .add_service(grpc::IpamService::new(ipam, shutdown.clone()).server()),
+        listener,
+        IpamServer::<grpc::IpamService<S>>::NAME,
+        readiness,
+        shutdown.clone(),
+    );
     let served = tokio::select! {
         r = server => r,
         // A client that never closes its connection must not hold up a
@@ -191,11 +209,9 @@ pub async fn serve_with<S: store::CidrStore>(
         }
     };
     shutdown.cancel();
-    let followed = follower.await.context("node follower panicked")?;
-    let resynced = resyncer.await.context("resync task panicked")?;
+    follower.await.context("node follower panicked")?;
+    resyncer.await.context("resync task panicked")?;
     served?;
-    followed?;
-    resynced?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -11,48 +11,64 @@ use std::{collections::BTreeMap, sync::Arc};
 use futures::{FutureExt as _, Stream, StreamExt as _};
 use ipnet::Ipv4Net;
 use tokio_util::sync::CancellationToken;
-use weft_common::watch::{Applied, Mirror};
+use weft_common::{
+    backoff,
+    watch::{Applied, Mirror},
+};
 use weft_proto::watcher::v1::{Kind, Node, WatchEvent, resource, watch_event::Event};
 
-use crate::{
-    allocator::Want,
-    config::Mode,
-    state::{Ipam, IpamError},
-    store::CidrStore,
-};
+use crate::{allocator::Want, config::Mode, state::Ipam, store::CidrStore};
 
 /// The most events applied before reconciling, so a long burst still makes
 /// progress visible.
 const MAX_BATCH: usize = 1024;
 
-/// Runs until `events` ends or `shutdown` fires; an error means the store
-/// failed and the service must stop.
+/// Runs until `events` ends or `shutdown` fires. A reconcile the store
+/// refused (an API outage) is tried again after a back-off, or with the
+/// next event, whichever comes first.
 pub async fn follow<S: CidrStore>(
     ipam: Arc<Ipam<S>>,
     events: impl Stream<Item = WatchEvent> + Send,
     shutdown: CancellationToken,
-) -> Result<(), IpamError> {
+) {
     let mut events = std::pin::pin!(events);
     let mut mirror = Mirror::new();
+    let mut dirty = false;
+    let mut backoff = backoff::store_retry();
+    let mut retry_at: Option<tokio::time::Instant> = None;
     loop {
-        let first = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            e = events.next() => e,
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            e = events.next() => Some(e),
+            _ = backoff::sleep_until(retry_at), if retry_at.is_some() => None,
         };
-        let Some(first) = first else { return Ok(()) };
-        let mut dirty = apply(&mut mirror, &first);
-        let mut batched = 1;
-        while batched < MAX_BATCH {
-            match events.next().now_or_never() {
-                Some(Some(event)) => {
-                    dirty |= apply(&mut mirror, &event);
-                    batched += 1;
+        if let Some(first) = next {
+            let Some(first) = first else { return };
+            dirty |= apply(&mut mirror, &first);
+            let mut batched = 1;
+            while batched < MAX_BATCH {
+                match events.next().now_or_never() {
+                    Some(Some(event)) => {
+                        dirty |= apply(&mut mirror, &event);
+                        batched += 1;
+                    }
+                    _ => break,
                 }
-                _ => break,
             }
         }
         if dirty && mirror.is_synced() {
-            ipam.reconcile(&wants(&mirror, ipam.mode())).await?;
+            match ipam.reconcile(&wants(&mirror, ipam.mode())).await {
+                Ok(()) => {
+                    dirty = false;
+                    backoff.reset();
+                    retry_at = None;
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?delay, "allocations not written; trying again");
+                    retry_at = Some(tokio::time::Instant::now() + delay);
+                }
+            }
         }
     }
 }

@@ -1,11 +1,22 @@
 //! The service's allocation table: the allocator, its store, the event feed
-//! of `Watch`, and the metrics, behind one lock.
+//! of `Watch`, and the metrics.
 //!
-//! The lock is held across the store commit, so nobody (a gRPC reader, a
-//! `Watch` subscriber) can see an allocation before it is durable. If a
-//! commit fails, memory may be ahead of the disk; rather than guess, the table
-//! refuses further use and the service stops, to come back from what is on
-//! disk.
+//! Two sides, so that no reader ever waits for the store:
+//!
+//! - the writers' side (the allocator, the nodes wanted, what is pending),
+//!   behind an async mutex that serialises reconciles; it is held while a
+//!   plan is committed, since each plan must start from the last one's
+//!   result;
+//! - the published table, behind a lock held only for memory work and never
+//!   across a store call: what `GetNodeCidr`, `List` and `Watch` answer
+//!   from, always the allocations as last committed, so nobody sees an
+//!   allocation before it is durable.
+//!
+//! During an API outage reads keep being answered from memory; a reconcile
+//! fails once the store's retry budget is spent and is tried again later.
+//! If a commit fails, the allocator may be ahead of the store; it is marked
+//! stale and reloaded from the store before the next reconcile (nothing of
+//! it was published).
 //!
 //! With a shared store (other replicas write too) a commit can come back
 //! [`Committed::Diverged`]: the table is then rebuilt from the store's
@@ -14,7 +25,10 @@
 //! and the current one, so they follow other replicas' changes too
 //! ([`Ipam::resync`]).
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    sync::{RwLock, RwLockReadGuard, RwLockWriteGuard},
+};
 
 use ipnet::Ipv4Net;
 use tokio::sync::{Mutex, broadcast};
@@ -40,24 +54,30 @@ const EVENT_BUFFER: usize = 4096;
 pub enum IpamError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("an earlier store write failed; the service is stopping")]
-    Failed,
 }
 
+/// The writers' side.
 struct Inner {
     alloc: Allocator,
     pending: BTreeMap<String, Pending>,
-    failed: bool,
+    /// A commit failed: the allocator may be ahead of the store.
+    stale: bool,
     /// The nodes of the last complete cluster state; `None` before one.
     nodes: Option<BTreeMap<String, Want>>,
-    /// What `Watch` subscribers have been told.
-    published: BTreeMap<String, Ipv4Net>,
+}
+
+/// The readers' side: the allocations as last committed, as `Watch`
+/// subscribers have been told them, and the pools' occupancy.
+struct Published {
+    table: BTreeMap<String, Ipv4Net>,
+    pools: Vec<PoolStatus>,
 }
 
 pub struct Ipam<S> {
     mode: Mode,
     store: S,
     inner: Mutex<Inner>,
+    published: RwLock<Published>,
     events: broadcast::Sender<AllocationEvent>,
     metrics: Metrics,
 }
@@ -82,16 +102,29 @@ impl<S: CidrStore> Ipam<S> {
         Ok(Self {
             mode,
             store,
+            published: RwLock::new(Published {
+                table: table(&alloc),
+                pools: pool_status(&alloc),
+            }),
             inner: Mutex::new(Inner {
-                published: table(&alloc),
                 alloc,
                 pending: BTreeMap::new(),
-                failed: false,
+                stale: false,
                 nodes: None,
             }),
             events,
             metrics,
         })
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Published> {
+        // Nothing panics while holding it; a poisoned lock still holds a
+        // whole table.
+        self.published.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Published> {
+        self.published.write().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn mode(&self) -> Mode {
@@ -101,30 +134,34 @@ impl<S: CidrStore> Ipam<S> {
     /// Brings the allocations in line with the nodes of a complete cluster
     /// state, durably, then tells `Watch` subscribers.
     pub async fn reconcile(&self, nodes: &BTreeMap<String, Want>) -> Result<(), IpamError> {
-        let mut inner = self.usable().await?;
+        let mut inner = self.inner.lock().await;
         inner.nodes = Some(nodes.clone());
+        if inner.stale {
+            self.reload(&mut inner).await?;
+        }
         self.reconcile_locked(&mut inner).await
     }
 
     /// Reloads the table from the store (another replica changed it), tells
     /// subscribers what changed, and reconciles with the nodes again.
     pub async fn resync(&self) -> Result<(), IpamError> {
-        let mut inner = self.usable().await?;
-        let loaded = match self.store.load().await {
-            Ok(l) => l,
-            Err(e) => {
-                inner.failed = true;
-                return Err(e.into());
-            }
-        };
+        let mut inner = self.inner.lock().await;
+        self.reload(&mut inner).await?;
+        self.reconcile_locked(&mut inner).await
+    }
+
+    /// Makes the allocator what the store holds and publishes it.
+    async fn reload(&self, inner: &mut Inner) -> Result<(), IpamError> {
+        let loaded = self.store.load().await?;
         inner.alloc = restore(
             inner.alloc.pools().to_vec(),
-            self.mask(&inner),
+            self.mask(inner),
             self.mode,
             loaded,
         );
-        self.publish(&mut inner);
-        self.reconcile_locked(&mut inner).await
+        inner.stale = false;
+        self.publish(inner);
+        Ok(())
     }
 
     fn mask(&self, inner: &Inner) -> u8 {
@@ -146,20 +183,13 @@ impl<S: CidrStore> Ipam<S> {
                 .map(|(n, c)| (n.to_string(), c))
                 .collect();
             for (node, cidr) in gone {
-                match self.store.node_exists(&node).await {
-                    Ok(false) => {}
-                    Ok(true) => {
-                        tracing::info!(%node, %cidr, "node gone from svc-watcher's view but still in the API; keeping its CIDR");
-                        let keep = match self.mode {
-                            Mode::ClusterPool => Want::AnyBlock,
-                            Mode::Kubernetes => Want::Exactly(Some(cidr)),
-                        };
-                        wants.insert(node, keep);
-                    }
-                    Err(e) => {
-                        inner.failed = true;
-                        return Err(e.into());
-                    }
+                if self.store.node_exists(&node).await? {
+                    tracing::info!(%node, %cidr, "node gone from svc-watcher's view but still in the API; keeping its CIDR");
+                    let keep = match self.mode {
+                        Mode::ClusterPool => Want::AnyBlock,
+                        Mode::Kubernetes => Want::Exactly(Some(cidr)),
+                    };
+                    wants.insert(node, keep);
                 }
             }
             let out = allocator::reconcile(&mut inner.alloc, &wants);
@@ -180,7 +210,7 @@ impl<S: CidrStore> Ipam<S> {
                         continue;
                     }
                     Err(e) => {
-                        inner.failed = true;
+                        inner.stale = true;
                         return Err(e.into());
                     }
                 }
@@ -196,11 +226,13 @@ impl<S: CidrStore> Ipam<S> {
         Ok(())
     }
 
-    /// Tells subscribers (and metrics, logs) how the table differs from what
-    /// they heard last: releases first, then allocations, in node order.
-    fn publish(&self, inner: &mut Inner) {
+    /// Makes the allocator's (committed) table the published one, and tells
+    /// subscribers (and metrics, logs) how it differs from what they heard
+    /// last: releases first, then allocations, in node order.
+    fn publish(&self, inner: &Inner) {
         let now = table(&inner.alloc);
-        for (node, cidr) in &inner.published {
+        let mut published = self.write();
+        for (node, cidr) in &published.table {
             if !now.contains_key(node) {
                 tracing::info!(%node, %cidr, "node gone; pod CIDR released");
                 self.metrics.releases.inc();
@@ -210,7 +242,7 @@ impl<S: CidrStore> Ipam<S> {
             }
         }
         for (node, cidr) in &now {
-            if inner.published.get(node) != Some(cidr) {
+            if published.table.get(node) != Some(cidr) {
                 tracing::info!(%node, %cidr, "pod CIDR allocated");
                 self.metrics.allocations.inc();
                 let _ = self.events.send(AllocationEvent {
@@ -221,7 +253,8 @@ impl<S: CidrStore> Ipam<S> {
                 });
             }
         }
-        inner.published = now;
+        published.table = now;
+        published.pools = pool_status(&inner.alloc);
         self.metrics.set_usage(&inner.alloc.usage());
     }
 
@@ -248,47 +281,26 @@ impl<S: CidrStore> Ipam<S> {
         inner.pending = pending;
     }
 
-    /// The node's CIDR, if it has one.
-    pub async fn get(&self, node: &str) -> Result<Option<Ipv4Net>, IpamError> {
-        let inner = self.usable().await?;
-        Ok(inner.alloc.get(node))
+    /// The node's CIDR, if it has one; never waits for the store.
+    pub fn get(&self, node: &str) -> Option<Ipv4Net> {
+        self.read().table.get(node).copied()
     }
 
-    /// Every allocation and the pools' occupancy.
-    pub async fn list(&self) -> Result<ListResponse, IpamError> {
-        let inner = self.usable().await?;
-        Ok(ListResponse {
-            allocations: allocations(&inner.alloc),
-            pools: inner
-                .alloc
-                .usage()
-                .into_iter()
-                .map(|u| PoolStatus {
-                    cidr: u.pool.to_string(),
-                    mask_size: u32::from(u.mask),
-                    total: u.total,
-                    used: u.used,
-                })
-                .collect(),
+    /// Every allocation and the pools' occupancy; never waits for the store.
+    pub fn list(&self) -> ListResponse {
+        let published = self.read();
+        ListResponse {
+            allocations: allocations(&published.table),
+            pools: published.pools.clone(),
             mode: self.mode.as_str().to_string(),
-        })
+        }
     }
 
     /// Every current allocation, and a feed of the changes after it: both
-    /// taken under the lock, so nothing falls between them.
-    pub async fn watch(
-        &self,
-    ) -> Result<(Vec<NodeAllocation>, broadcast::Receiver<AllocationEvent>), IpamError> {
-        let inner = self.usable().await?;
-        Ok((allocations(&inner.alloc), self.events.subscribe()))
-    }
-
-    async fn usable(&self) -> Result<tokio::sync::MutexGuard<'_, Inner>, IpamError> {
-        let inner = self.inner.lock().await;
-        if inner.failed {
-            return Err(IpamError::Failed);
-        }
-        Ok(inner)
+    /// taken under the published lock, so nothing falls between them.
+    pub fn watch(&self) -> (Vec<NodeAllocation>, broadcast::Receiver<AllocationEvent>) {
+        let published = self.read();
+        (allocations(&published.table), self.events.subscribe())
     }
 }
 
@@ -316,12 +328,25 @@ fn table(alloc: &Allocator) -> BTreeMap<String, Ipv4Net> {
         .collect()
 }
 
-fn allocations(alloc: &Allocator) -> Vec<NodeAllocation> {
-    alloc
-        .allocations()
+fn allocations(table: &BTreeMap<String, Ipv4Net>) -> Vec<NodeAllocation> {
+    table
+        .iter()
         .map(|(node, cidr)| NodeAllocation {
-            node: node.to_string(),
+            node: node.clone(),
             cidr: cidr.to_string(),
+        })
+        .collect()
+}
+
+fn pool_status(alloc: &Allocator) -> Vec<PoolStatus> {
+    alloc
+        .usage()
+        .into_iter()
+        .map(|u| PoolStatus {
+            cidr: u.pool.to_string(),
+            mask_size: u32::from(u.mask),
+            total: u.total,
+            used: u.used,
         })
         .collect()
 }

@@ -8,19 +8,21 @@ use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use common::{
     fake_watcher::{FakeWatcher, node},
-    process::{Proc, eventually},
+    process::{Proc, eventually, health_becomes},
 };
 use rand::{Rng as _, seq::SliceRandom as _};
 use serde_json::json;
 use tonic::transport::Channel;
-use weft_fake_apiserver::{Failure, FakeApiServer};
+use tonic_health::pb::health_check_response::ServingStatus;
+use weft_fake_apiserver::{Failure, FakeApiServer, Restart};
 use weft_proto::ipam::v1::{
-    ListRequest, ListResponse, WatchRequest, allocation_event::Event, ipam_client::IpamClient,
+    GetNodeCidrRequest, ListRequest, ListResponse, WatchRequest, allocation_event::Event,
+    ipam_client::IpamClient,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_ipam-svc");
@@ -313,4 +315,123 @@ async fn a_block_taken_behind_the_replicas_back_is_a_conflict_it_recovers_from()
     );
     assert_eq!(api_table(&server).len(), 2);
     server.clear_failures();
+}
+
+/// Runs `call` and says how long it took; panics beyond `limit`.
+async fn timed<T>(limit: Duration, what: &str, call: impl Future<Output = T>) -> (T, Duration) {
+    let started = Instant::now();
+    let out = tokio::time::timeout(limit, call)
+        .await
+        .unwrap_or_else(|_| panic!("{what} took longer than {limit:?}"));
+    (out, started.elapsed())
+}
+
+/// The API server gone (connections refused) while a new node waits for
+/// its block: GetNodeCidr and List are answered from memory at once,
+/// health turns NOT_SERVING after the bound, and once the API server is
+/// back health is SERVING again and the node gets its block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_an_api_outage_reads_answer_from_memory_and_allocation_resumes_after() {
+    const BOUND: Duration = Duration::from_secs(2);
+    const OUTAGE: Duration = Duration::from_secs(6);
+    const SERVICE: &str = "weft.ipam.v1.Ipam";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, kubeconfig) = api(dir.path()).await;
+    let watcher = FakeWatcher::start().await;
+    watcher.upsert(node("node-a", &[]));
+    let mut args = args(dir.path(), &watcher, &kubeconfig, 24);
+    args.extend(["--api-retry-budget", "4s", "--api-unready-after", "2s"].map(String::from));
+    let mut p = Proc::start(BIN, &args, &dir.path().join("ipam.log"));
+    let channel = p.wait_serving().await;
+    let c = IpamClient::new(channel.clone());
+    let cidr_of = |node: &'static str| {
+        let mut c = c.clone();
+        async move {
+            c.get_node_cidr(GetNodeCidrRequest { node: node.into() })
+                .await
+                .map(|r| r.into_inner().cidr)
+        }
+    };
+    let a = eventually(WAIT, "node-a's block", || async {
+        cidr_of("node-a").await.ok()
+    })
+    .await;
+
+    server.go_away().await;
+    let outage = Instant::now();
+    // A node joins: its block waits for the API.
+    watcher.upsert(node("node-b", &[]));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (got, took) = timed(Duration::from_secs(1), "GetNodeCidr", cidr_of("node-a")).await;
+    assert_eq!(got.expect("node-a's block during the outage"), a);
+    println!(
+        "ipam-svc GetNodeCidr answered in {:.3} s with an allocation pending while the API server was gone",
+        took.as_secs_f64()
+    );
+    let (list, _) = timed(
+        Duration::from_secs(1),
+        "List",
+        c.clone().list(ListRequest {}),
+    )
+    .await;
+    assert_eq!(
+        table(&list.expect("List during the outage").into_inner()),
+        BTreeMap::from([("node-a".to_string(), a.clone())])
+    );
+    let (b, _) = timed(Duration::from_secs(1), "GetNodeCidr", cidr_of("node-b")).await;
+    assert_eq!(b.expect_err("no block yet").code(), tonic::Code::NotFound);
+
+    health_becomes(&channel, SERVICE, ServingStatus::NotServing, WAIT).await;
+    let unready_at = outage.elapsed();
+    println!(
+        "ipam-svc NOT_SERVING {:.1} s into the outage (bound {BOUND:?})",
+        unready_at.as_secs_f64()
+    );
+    assert!(
+        unready_at >= BOUND - Duration::from_millis(300),
+        "{unready_at:?}"
+    );
+    assert!(
+        unready_at < BOUND + Duration::from_secs(2),
+        "{unready_at:?}"
+    );
+    tokio::time::sleep(OUTAGE.saturating_sub(outage.elapsed())).await;
+    assert_eq!(
+        timed(
+            Duration::from_secs(1),
+            "List",
+            c.clone().list(ListRequest {})
+        )
+        .await
+        .0
+        .expect("List")
+        .into_inner()
+        .allocations
+        .len(),
+        1
+    );
+
+    server
+        .come_back(Restart::KeepingHistory)
+        .await
+        .expect("listening again");
+    let back = Instant::now();
+    health_becomes(&channel, SERVICE, ServingStatus::Serving, WAIT).await;
+    let serving = back.elapsed();
+    let b = eventually(WAIT, "node-b's block", || async {
+        cidr_of("node-b").await.ok()
+    })
+    .await;
+    let allocated = back.elapsed();
+    println!(
+        "ipam-svc SERVING {:.2} s after the API server returned from a {} s outage; node-b's block {b} at {:.2} s",
+        serving.as_secs_f64(),
+        OUTAGE.as_secs(),
+        allocated.as_secs_f64()
+    );
+    assert!(serving < Duration::from_secs(3), "{serving:?}");
+    // The node's retry backs off to 5 s at most.
+    assert!(allocated < Duration::from_secs(7), "{allocated:?}");
+    assert_ne!(a, b);
+    assert_eq!(api_table(&server).len(), 2);
 }

@@ -7,15 +7,23 @@
 //! snapshots, resumed deltas and live deltas from it to ipam-svc,
 //! identity-svc and every datapath-svc.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use prometheus_client::registry::Registry;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
-use weft_common::{config::CommonArgs, grpc::GrpcServer, shutdown::Shutdown};
+use tonic::server::NamedService as _;
+use weft_common::{
+    config::{CommonArgs, parse_duration},
+    grpc::GrpcServer,
+    readiness::Readiness,
+    shutdown::Shutdown,
+};
+use weft_proto::watcher::v1::watcher_server::WatcherServer;
 
 pub mod convert;
+pub mod health;
 pub mod metrics;
 pub mod server;
 pub mod source;
@@ -23,6 +31,7 @@ pub mod state;
 pub mod subscription;
 
 use crate::{
+    health::{WAITING, WatchHealth},
     metrics::Metrics,
     server::WatcherService,
     source::{Source, SourceError, kubernetes::KubeSource, manifests::ManifestSource},
@@ -69,6 +78,13 @@ pub struct Args {
     #[arg(long, env = "WEFT_HISTORY", default_value_t = 10_000)]
     pub history: usize,
 
+    /// How long the watch of a kind may stay broken before the gRPC health
+    /// turns NOT_SERVING (`weftctl status` shows why): seconds, or a value
+    /// like `10s`, `1m`, `500ms`. Subscribers keep being served what is
+    /// known meanwhile.
+    #[arg(long, env = "WEFT_WATCH_UNREADY_AFTER", default_value = "10s", value_parser = parse_duration)]
+    pub watch_unready_after: Duration,
+
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -87,6 +103,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     pub source: SourceConfig,
     pub history: usize,
+    /// How long a broken watch is tolerated before NOT_SERVING.
+    pub watch_unready_after: Duration,
     /// Mutual TLS for the gRPC listener.
     pub tls: Option<weft_common::tls::TlsConfig>,
 }
@@ -134,6 +152,7 @@ impl Args {
             metrics_listen,
             source,
             history: self.history,
+            watch_unready_after: self.watch_unready_after,
             tls: self.common.tls()?,
         })
     }
@@ -153,8 +172,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let metrics = Metrics::registered(&mut registry);
     let metrics_task =
         weft_common::metrics::spawn(config.metrics_listen, registry, shutdown.token());
-    // Bound before the first read: early subscribers wait in the backlog
-    // instead of being refused, and are served once the state is complete.
+    // Bound and served before the first read: health answers NOT_SERVING
+    // at once, and early subscribers wait until the state is complete.
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding gRPC address {}", config.listen))?;
@@ -169,9 +188,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     result
 }
 
-/// Runs the configured source and, once it has read the complete state,
-/// the gRPC service on `listener`, until `shutdown` fires or the source
-/// fails for good.
+/// Runs the configured source and the gRPC service on `listener`, until
+/// `shutdown` fires or the source fails for good. Health answers from the
+/// start (NOT_SERVING until the state is complete); Subscribe and List wait
+/// for the complete state.
 pub async fn serve(
     config: &Config,
     listener: tokio::net::TcpListener,
@@ -184,18 +204,44 @@ pub async fn serve(
         history = config.history,
         "state store ready"
     );
-    let tls = config.tls.clone();
+    let serving = Serving {
+        tls: config.tls.clone(),
+        health: WatchHealth::new(),
+        unready_after: config.watch_unready_after,
+    };
     match &config.source {
         SourceConfig::Manifests { dir } => {
             let source = ManifestSource::new(dir.clone(), metrics.clone());
-            serve_source_tls(source, store, listener, metrics, tls, shutdown).await
+            serve_source_with(source, store, listener, metrics, serving, shutdown).await
         }
         SourceConfig::Kubernetes { kubeconfig } => {
-            let client = weft_k8s::client::connect(kubeconfig.as_deref())
+            let observer = source::kubernetes::observer(serving.health.clone());
+            let client = weft_k8s::client::connect(kubeconfig.as_deref(), Some(observer))
                 .await
                 .context("connecting to the Kubernetes API")?;
-            let source = KubeSource::new(client, metrics.clone());
-            serve_source_tls(source, store, listener, metrics, tls, shutdown).await
+            let source = KubeSource::new(client, metrics.clone(), serving.health.clone());
+            serve_source_with(source, store, listener, metrics, serving, shutdown).await
+        }
+    }
+}
+
+/// How [`serve_source_with`] serves, beside the source.
+#[derive(Debug, Clone)]
+pub struct Serving {
+    /// Mutual TLS for the gRPC listener.
+    pub tls: Option<weft_common::tls::TlsConfig>,
+    /// What the source reports of its watches.
+    pub health: WatchHealth,
+    /// How long a broken watch is tolerated before NOT_SERVING.
+    pub unready_after: Duration,
+}
+
+impl Default for Serving {
+    fn default() -> Self {
+        Self {
+            tls: None,
+            health: WatchHealth::new(),
+            unready_after: Duration::from_secs(10),
         }
     }
 }
@@ -208,7 +254,15 @@ pub async fn serve_source<S: Source>(
     metrics: Metrics,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    serve_source_tls(source, store, listener, metrics, None, shutdown).await
+    serve_source_with(
+        source,
+        store,
+        listener,
+        metrics,
+        Serving::default(),
+        shutdown,
+    )
+    .await
 }
 
 /// [`serve_source`], over mutual TLS when `tls` is given.
@@ -220,22 +274,71 @@ pub async fn serve_source_tls<S: Source>(
     tls: Option<weft_common::tls::TlsConfig>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let serving = Serving {
+        tls,
+        ..Serving::default()
+    };
+    serve_source_with(source, store, listener, metrics, serving, shutdown).await
+}
+
+/// [`serve_source`] as `serving` says.
+pub async fn serve_source_with<S: Source>(
+    source: S,
+    store: Arc<StateStore>,
+    listener: tokio::net::TcpListener,
+    metrics: Metrics,
+    serving: Serving,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let name = source.name();
+    let Serving {
+        tls,
+        health,
+        unready_after,
+    } = serving;
     let (synced_tx, synced_rx) = oneshot::channel();
     let mut source_task = tokio::spawn(source.run(store.clone(), synced_tx, shutdown.clone()));
+    let (readiness_tx, readiness) = watch::channel(Readiness::NotReady(WAITING.to_string()));
+    tokio::spawn(
+        health
+            .clone()
+            .report(unready_after, readiness_tx, shutdown.clone()),
+    );
+    let (listed_tx, listed) = watch::channel(false);
+    let service = WatcherService::new(store.clone(), metrics, shutdown.clone())
+        .until_listed(listed)
+        .with_health(health.clone(), unready_after);
+    let mut grpc = tokio::spawn(weft_common::readiness::serve_tcp(
+        GrpcServer::new()
+            .tls(tls)
+            .add_service(service.into_server()),
+        listener,
+        WatcherServer::<WatcherService>::NAME,
+        readiness,
+        shutdown.clone(),
+    ));
 
     tokio::select! {
         synced = synced_rx => {
             if synced.is_err() {
                 // The source ended before it read the state once.
+                shutdown.cancel();
                 let result = join_source(&mut source_task).await;
+                let _ = join_grpc(&mut grpc).await;
                 return result.and_then(|()| {
                     anyhow::bail!("source {name} stopped before reading the state")
                 });
             }
         }
+        g = join_grpc(&mut grpc) => {
+            shutdown.cancel();
+            let s = join_source(&mut source_task).await;
+            return g.and(s);
+        }
         _ = shutdown.cancelled() => {
-            return join_source(&mut source_task).await;
+            let s = join_source(&mut source_task).await;
+            let g = join_grpc(&mut grpc).await;
+            return s.and(g);
         }
     }
     tracing::info!(
@@ -244,14 +347,9 @@ pub async fn serve_source_tls<S: Source>(
         revision = store.revision(),
         "initial state complete; serving"
     );
+    health.synced();
+    listed_tx.send_replace(true);
 
-    let service = WatcherService::new(store, metrics, shutdown.clone());
-    let mut grpc = tokio::spawn(
-        GrpcServer::new()
-            .tls(tls)
-            .add_service(service.into_server())
-            .serve_tcp(listener, shutdown.clone()),
-    );
     // Whichever ends first (normally both, on shutdown) stops the other.
     let (source_result, grpc_result) = tokio::select! {
         s = join_source(&mut source_task) => {

@@ -1,17 +1,19 @@
 //! The gRPC `weft.watcher.v1.Watcher` service over a [`StateStore`].
 
-use std::{pin::Pin, sync::Arc};
+use std::{pin::Pin, sync::Arc, time::Duration};
 
 use futures::Stream;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-use weft_common::watch::Packed;
+use weft_common::{readiness::Readiness, watch::Packed};
 use weft_proto::watcher::v1::{
-    ListRequest, ListResponse, SubscribeRequest, WatchEvent,
+    ListRequest, ListResponse, StatusRequest, StatusResponse, SubscribeRequest, WatchEvent,
     watcher_server::{Watcher, WatcherServer},
 };
 
 use crate::{
+    health::WatchHealth,
     metrics::Metrics,
     state::{KindSet, StateStore},
     subscription::{Start, Subscription},
@@ -24,14 +26,45 @@ pub struct WatcherService {
     store: Arc<StateStore>,
     metrics: Metrics,
     shutdown: CancellationToken,
+    /// True once the store holds the complete state; Subscribe and List
+    /// wait for it, so a first snapshot is always the whole cluster.
+    listed: watch::Receiver<bool>,
+    /// What `Status` reports, with the bound of `--watch-unready-after`.
+    health: Option<(WatchHealth, Duration)>,
 }
 
 impl WatcherService {
+    /// A service over a store that holds the complete state already.
     pub fn new(store: Arc<StateStore>, metrics: Metrics, shutdown: CancellationToken) -> Self {
         Self {
             store,
             metrics,
             shutdown,
+            listed: watch::channel(true).1,
+            health: None,
+        }
+    }
+
+    /// Serves before the store is complete: Subscribe and List wait until
+    /// `listed` turns true (the health service answers meanwhile).
+    pub fn until_listed(mut self, listed: watch::Receiver<bool>) -> Self {
+        self.listed = listed;
+        self
+    }
+
+    /// `Status` reports `health` (broken beyond `bound` is not ready).
+    pub fn with_health(mut self, health: WatchHealth, bound: Duration) -> Self {
+        self.health = Some((health, bound));
+        self
+    }
+
+    async fn wait_listed(&self) -> Result<(), Status> {
+        let mut listed = self.listed.clone();
+        tokio::select! {
+            r = listed.wait_for(|l| *l) => r.map(|_| ()).map_err(|_| {
+                Status::unavailable("the cluster state source stopped before reading the state")
+            }),
+            _ = self.shutdown.cancelled() => Err(Status::unavailable("shutting down")),
         }
     }
 
@@ -71,6 +104,7 @@ impl Watcher for WatcherService {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let req = request.into_inner();
         let kinds = kinds(&req.kinds)?;
+        self.wait_listed().await?;
         let subscriber = if req.subscriber.is_empty() {
             "unnamed".to_string()
         } else {
@@ -106,11 +140,27 @@ impl Watcher for WatcherService {
 
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
         let kinds = kinds(&request.into_inner().kinds)?;
+        self.wait_listed().await?;
         let snapshot = self.store.snapshot(kinds);
         Ok(Response::new(ListResponse {
             epoch: self.store.epoch().to_string(),
             revision: snapshot.revision,
             resources: snapshot.objects.iter().map(Packed::unpack).collect(),
+        }))
+    }
+
+    /// Answers at once, before the first complete list too.
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let readiness = match &self.health {
+            Some((health, bound)) => health.current(*bound),
+            None if *self.listed.borrow() => Readiness::Ready,
+            None => Readiness::NotReady(crate::health::WAITING.to_string()),
+        };
+        Ok(Response::new(StatusResponse {
+            ready: readiness.is_ready(),
+            reason: readiness.reason().to_string(),
+            epoch: self.store.epoch().to_string(),
+            revision: self.store.revision(),
         }))
     }
 }

@@ -459,16 +459,24 @@ async fn health_reports_serving() {
         .await
         .unwrap();
     let mut health = HealthClient::new(channel);
+    // Readiness follows the state a moment after it is complete.
+    let deadline = Instant::now() + WAIT;
     for service in ["", "weft.watcher.v1.Watcher"] {
-        let status = health
-            .check(HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status();
-        assert_eq!(status, ServingStatus::Serving, "service {service:?}");
+        loop {
+            let status = health
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .status();
+            if status == ServingStatus::Serving {
+                break;
+            }
+            assert!(Instant::now() < deadline, "service {service:?}: {status:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 

@@ -18,10 +18,14 @@ use futures::{Stream, StreamExt as _};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 use weft_common::watch::{Mirror, ObjKey};
-use weft_fake_apiserver::{Failure, FakeApiServer};
+use weft_fake_apiserver::{Failure, FakeApiServer, Restart};
 use weft_proto::watcher::v1::{
-    ListRequest, Resource, WatchEvent, resource, watcher_client::WatcherClient,
+    ListRequest, Resource, StatusRequest, StatusResponse, WatchEvent, resource,
+    watcher_client::WatcherClient,
 };
 
 /// The fixture manifests as API objects (lists flattened).
@@ -78,15 +82,21 @@ struct Running {
 }
 
 fn start_watcher(server: &FakeApiServer) -> Running {
+    start_watcher_with(server, &[])
+}
+
+fn start_watcher_with(server: &FakeApiServer, extra: &[&str]) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     server.write_kubeconfig(&kubeconfig).unwrap();
-    let watcher = Watcher::start_with(&[
+    let mut args: Vec<&std::ffi::OsStr> = vec![
         "--source".as_ref(),
         "kubernetes".as_ref(),
         "--kubeconfig".as_ref(),
         kubeconfig.as_os_str(),
-    ]);
+    ];
+    args.extend(extra.iter().map(|a| std::ffi::OsStr::new(*a)));
+    let watcher = Watcher::start_with(&args);
     Running { watcher, _dir: dir }
 }
 
@@ -370,4 +380,256 @@ fn a_missing_kubeconfig_is_refused_at_start() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--kubeconfig"), "{err}");
+}
+
+/// The Watcher service's gRPC name, as the health service knows it.
+const SERVICE: &str = "weft.watcher.v1.Watcher";
+
+fn channel(addr: &str) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy()
+}
+
+/// The health of `service`, asked with a one-second deadline: health must
+/// answer at once, whatever the state of the watches.
+async fn health(addr: &str, service: &str) -> ServingStatus {
+    let mut client = HealthClient::new(channel(addr));
+    let asked = Instant::now();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(1),
+        client.check(HealthCheckRequest {
+            service: service.into(),
+        }),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("health of {service:?} did not answer within 1 s"))
+    .unwrap()
+    .into_inner()
+    .status();
+    assert!(asked.elapsed() < Duration::from_secs(1));
+    answer
+}
+
+async fn status(addr: &str) -> StatusResponse {
+    let mut client = WatcherClient::new(channel(addr));
+    tokio::time::timeout(Duration::from_secs(1), client.status(StatusRequest {}))
+        .await
+        .expect("Status answers at once")
+        .unwrap()
+        .into_inner()
+}
+
+/// Polls the health (`""` and the Watcher service agree) until it is
+/// `want`; how long that took.
+async fn health_becomes(addr: &str, want: ServingStatus, limit: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let overall = health(addr, "").await;
+        let service = health(addr, SERVICE).await;
+        if overall == want && service == want {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "health not {want:?} within {limit:?}: \"\" {overall:?}, {SERVICE} {service:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn health_answers_not_serving_at_once_until_every_kind_is_listed() {
+    let server = seeded_api().await;
+    server.fail_next(Failure {
+        method: Some("GET".into()),
+        path_contains: Some("/networkpolicies".into()),
+        code: 500,
+        remaining: usize::MAX,
+    });
+    let run = start_watcher(&server);
+    let addr = &run.watcher.addr;
+    // From the very start: the port answers, and says NOT_SERVING.
+    let started = Instant::now();
+    let first = loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            break health(addr, SERVICE).await;
+        }
+        assert!(started.elapsed() < WAIT, "the port never opened");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    println!(
+        "svc-watcher health answered {first:?} {:.2} s after start",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(first, ServingStatus::NotServing);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(health(addr, "").await, ServingStatus::NotServing);
+    assert_eq!(health(addr, SERVICE).await, ServingStatus::NotServing);
+    let s = status(addr).await;
+    assert!(!s.ready);
+    assert!(s.reason.contains("first complete list"), "{}", s.reason);
+
+    server.clear_failures();
+    health_becomes(addr, ServingStatus::Serving, WAIT).await;
+    let s = status(addr).await;
+    assert!(s.ready && s.reason.is_empty(), "{s:?}");
+}
+
+/// A Service's first port as the subscriber sees it.
+fn web_port(m: &Mirror) -> Option<u32> {
+    service_port(m, "shop", "web")
+}
+
+/// Changes the port of Service shop/web in the API.
+fn set_web_port(server: &FakeApiServer, port: u32) {
+    let mut web = server
+        .list("v1", "Service")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == "web")
+        .unwrap();
+    web["spec"]["ports"][0]["port"] = json!(port);
+    server.apply(web).unwrap();
+}
+
+/// How long after `since` the subscriber's mirror shows `port` for
+/// shop/web.
+async fn current_after(
+    events: &mut (impl Stream<Item = WatchEvent> + Unpin),
+    mirror: &mut Mirror,
+    port: u32,
+    since: Instant,
+) -> Duration {
+    until(events, mirror, &format!("shop/web on port {port}"), |m| {
+        web_port(m) == Some(port)
+    })
+    .await;
+    since.elapsed()
+}
+
+/// The API server gone (connections refused) for 10 s, then back after a
+/// restart that lost its watch history (every watch gets 410 Gone and
+/// lists again): a change made right at its return reaches a subscriber
+/// within 2 s; health is NOT_SERVING while the watch is broken beyond the
+/// bound (3 s here), SERVING again once it works.
+#[tokio::test]
+async fn after_the_api_server_was_gone_the_state_is_current_within_2s_of_its_return() {
+    const BOUND: Duration = Duration::from_secs(3);
+    const OUTAGE: Duration = Duration::from_secs(10);
+    let server = seeded_api().await;
+    let run = start_watcher_with(&server, &["--watch-unready-after", "3s"]);
+    let addr = &run.watcher.addr;
+    let token = CancellationToken::new();
+    let mut events = subscribe(addr, &token);
+    let mut mirror = Mirror::new();
+    until(&mut events, &mut mirror, "the initial state", |m| {
+        mirror_state(m) == api_state(&server)
+    })
+    .await;
+    health_becomes(addr, ServingStatus::Serving, WAIT).await;
+
+    // Gone: the subscriber keeps its stream; health turns NOT_SERVING
+    // once the watches have been broken for the bound, and says why.
+    server.go_away().await;
+    let gone_at = Instant::now();
+    let unready = health_becomes(addr, ServingStatus::NotServing, BOUND + WAIT).await;
+    println!(
+        "svc-watcher NOT_SERVING {:.1} s after the API server went away (bound {BOUND:?})",
+        unready.as_secs_f64()
+    );
+    assert!(
+        unready >= BOUND - Duration::from_millis(500),
+        "NOT_SERVING before the bound: {unready:?}"
+    );
+    assert!(unready < BOUND + Duration::from_secs(2), "{unready:?}");
+    let s = status(addr).await;
+    assert!(!s.ready);
+    assert!(s.reason.contains("has been broken for"), "{}", s.reason);
+    // What the subscribers hold is still served.
+    assert_eq!(web_port(&mirror), Some(80));
+    // Objects change while the server is away; one is deleted.
+    server.delete("v1", "Pod", "shop", "web-1").unwrap();
+    tokio::time::sleep(OUTAGE.saturating_sub(gone_at.elapsed())).await;
+
+    // Back, without its history; a change right at the return.
+    server.come_back(Restart::LosingHistory).await.unwrap();
+    let back = Instant::now();
+    set_web_port(&server, 82);
+    let current = current_after(&mut events, &mut mirror, 82, back).await;
+    health_becomes(addr, ServingStatus::Serving, WAIT).await;
+    let serving = back.elapsed();
+    println!(
+        "svc-watcher current {:.2} s after the API server returned from a {} s outage (watch history lost, relisted); SERVING again within {:.2} s",
+        current.as_secs_f64(),
+        OUTAGE.as_secs(),
+        serving.as_secs_f64()
+    );
+    assert!(
+        current < Duration::from_secs(2),
+        "current {current:?} after the return"
+    );
+    until(&mut events, &mut mirror, "exactly the API state", |m| {
+        mirror_state(m) == api_state(&server)
+    })
+    .await;
+    assert!(
+        !mirror_state(&mirror)
+            .iter()
+            .any(|(k, _)| k.contains("web-1"))
+    );
+    assert!(server.stats().gone > 0, "{:?}", server.stats());
+    token.cancel();
+}
+
+/// Every request answered 503 for 6 s, then answered again: health NOT_SERVING
+/// beyond the bound, and a change right at the return reaches a
+/// subscriber within 2 s, without waiting out a back-off grown during the
+/// outage.
+#[tokio::test]
+async fn after_503s_the_state_is_current_within_2s_of_the_api_servers_return() {
+    const BOUND: Duration = Duration::from_secs(3);
+    const OUTAGE: Duration = Duration::from_secs(6);
+    let server = seeded_api().await;
+    let run = start_watcher_with(&server, &["--watch-unready-after", "3s"]);
+    let addr = &run.watcher.addr;
+    let token = CancellationToken::new();
+    let mut events = subscribe(addr, &token);
+    let mut mirror = Mirror::new();
+    until(&mut events, &mut mirror, "the initial state", |m| {
+        mirror_state(m) == api_state(&server)
+    })
+    .await;
+    health_becomes(addr, ServingStatus::Serving, WAIT).await;
+
+    server.set_unavailable(true);
+    let started = Instant::now();
+    let unready = health_becomes(addr, ServingStatus::NotServing, BOUND + WAIT).await;
+    assert!(
+        unready >= BOUND - Duration::from_millis(500),
+        "NOT_SERVING before the bound: {unready:?}"
+    );
+    assert!(unready < BOUND + Duration::from_secs(2), "{unready:?}");
+    let reason = status(addr).await.reason;
+    assert!(reason.contains("503"), "{reason}");
+    tokio::time::sleep(OUTAGE.saturating_sub(started.elapsed())).await;
+    let refused = server.stats().unavailable;
+    assert!(refused > 6, "the watches kept trying: {refused} requests");
+
+    server.set_unavailable(false);
+    let back = Instant::now();
+    set_web_port(&server, 83);
+    let current = current_after(&mut events, &mut mirror, 83, back).await;
+    health_becomes(addr, ServingStatus::Serving, WAIT).await;
+    let serving = back.elapsed();
+    println!(
+        "svc-watcher current {:.2} s after the API server answered again after {} s of 503s; SERVING again within {:.2} s",
+        current.as_secs_f64(),
+        OUTAGE.as_secs(),
+        serving.as_secs_f64()
+    );
+    assert!(
+        current < Duration::from_secs(2),
+        "current {current:?} after the return"
+    );
+    token.cancel();
 }

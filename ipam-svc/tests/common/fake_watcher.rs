@@ -27,7 +27,7 @@ use tonic::{Request, Response, Status};
 use weft_common::watch::ObjKey;
 use weft_proto::watcher::v1::{
     Kind, ListRequest, ListResponse, Namespace, Node, ObjectMeta, Pod, Reset, Resource,
-    SubscribeRequest, Synced, WatchEvent, resource,
+    StatusRequest, StatusResponse, SubscribeRequest, Synced, WatchEvent, resource,
     watch_event::Event,
     watcher_server::{Watcher, WatcherServer},
 };
@@ -210,6 +210,16 @@ impl Watcher for Svc {
                 .filter(|(k, _)| kinds.is_empty() || kinds.contains(&k.kind))
                 .map(|(_, r)| r.clone())
                 .collect(),
+        }))
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let s = self.state.lock().expect("fake watcher lock");
+        Ok(Response::new(StatusResponse {
+            ready: !s.hold_sync,
+            reason: String::new(),
+            epoch: EPOCH.into(),
+            revision: s.revision,
         }))
     }
 }

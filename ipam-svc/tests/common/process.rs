@@ -175,3 +175,42 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The health of `service` (`""` for the server), asked with a one-second
+/// deadline: health must answer at once, whatever the store is doing.
+pub async fn health(channel: &Channel, service: &str) -> ServingStatus {
+    let mut client = HealthClient::new(channel.clone());
+    let answer = tokio::time::timeout(
+        Duration::from_secs(1),
+        client.check(HealthCheckRequest {
+            service: service.into(),
+        }),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("health of {service:?} did not answer within 1 s"))
+    .expect("health check");
+    answer.into_inner().status()
+}
+
+/// Polls until the health of `service` and of the server (`""`) are both
+/// `want`; how long that took. Panics after `limit`.
+pub async fn health_becomes(
+    channel: &Channel,
+    service: &str,
+    want: ServingStatus,
+    limit: Duration,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let overall = health(channel, "").await;
+        let named = health(channel, service).await;
+        if overall == want && named == want {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "health not {want:?} within {limit:?}: \"\" {overall:?}, {service} {named:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

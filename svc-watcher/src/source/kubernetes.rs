@@ -3,8 +3,15 @@
 //! kube-rs's `runtime::watcher` does the protocol work: it lists, then
 //! watches from the list's resourceVersion with bookmarks on, so a
 //! reconnect resumes where it was; a `410 Gone` (the resume point was
-//! compacted away) makes it list again, and errors back off
-//! (`default_backoff`). This module turns its events into store writes:
+//! compacted away) makes it list again, and errors back off with
+//! [`weft_k8s::retry::watch_backoff`]: at most about a second, so the state
+//! is current again within about a second of the API server's return,
+//! however long it was gone (kube-runtime's default back-off, up to 30 s
+//! and reset only after two quiet minutes, left it a minute behind). Every
+//! watch error marks its kind broken and every answer or event marks it
+//! working in a [`WatchHealth`] ([`observer`] hears the answers that start
+//! a resumed watch, which brings no event). This module turns the events
+//! into store writes:
 //!
 //! - a (re)list arrives as `Init`, `InitApply`..., `InitDone`; the objects
 //!   are buffered and handed to [`StateStore::replace_kind_set`] at
@@ -37,11 +44,16 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use weft_common::watch::{ObjKey, Packed};
 use weft_k8s::access::{Access, WATCH};
+use weft_k8s::{
+    observe::{Observer, Outcome},
+    retry::watch_backoff,
+};
 use weft_proto::watcher::v1::{Kind, Resource};
 
 use super::{Source, SourceError};
 use crate::{
     convert::{self, ConvertError, kind_name},
+    health::WatchHealth,
     metrics::Metrics,
     state::{Change, KindSet, StateStore},
 };
@@ -81,15 +93,56 @@ pub const API_ACCESS: &[Access] = &[
     },
 ];
 
+/// The collection each kind is listed and watched at (all namespaces).
+const PATHS: &[(&str, Kind)] = &[
+    ("/api/v1/services", Kind::Service),
+    (
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        Kind::EndpointSlice,
+    ),
+    ("/api/v1/pods", Kind::Pod),
+    ("/api/v1/nodes", Kind::Node),
+    ("/api/v1/namespaces", Kind::Namespace),
+    (
+        "/apis/networking.k8s.io/v1/networkpolicies",
+        Kind::NetworkPolicy,
+    ),
+];
+
+/// An observer for the client: an answer to a kind's list or watch
+/// request marks the kind working (see the module doc).
+pub fn observer(health: WatchHealth) -> Observer {
+    Observer::new(move |method, uri, outcome| {
+        if method.as_str() != "GET" {
+            return;
+        }
+        let Outcome::Answered(code) = outcome else {
+            return;
+        };
+        if let Some((_, kind)) = PATHS.iter().find(|(p, _)| *p == uri.path())
+            && code.is_success()
+        {
+            health.working(*kind);
+        }
+    })
+}
+
 /// The Kubernetes API through `client`.
 pub struct KubeSource {
     client: Client,
     metrics: Metrics,
+    health: WatchHealth,
 }
 
 impl KubeSource {
-    pub fn new(client: Client, metrics: Metrics) -> Self {
-        Self { client, metrics }
+    /// `health` hears of every watch error and recovery; the client should
+    /// carry [`observer`] of the same.
+    pub fn new(client: Client, metrics: Metrics, health: WatchHealth) -> Self {
+        Self {
+            client,
+            metrics,
+            health,
+        }
     }
 }
 
@@ -106,6 +159,7 @@ struct Follow<K> {
 struct Ctx {
     store: Arc<StateStore>,
     metrics: Metrics,
+    health: WatchHealth,
     listed: mpsc::UnboundedSender<Kind>,
     shutdown: CancellationToken,
 }
@@ -125,6 +179,7 @@ impl Source for KubeSource {
         let ctx = Ctx {
             store: store.clone(),
             metrics: self.metrics.clone(),
+            health: self.health.clone(),
             listed: listed_tx,
             shutdown: shutdown.clone(),
         };
@@ -241,12 +296,14 @@ where
 {
     let name = kind_name(f.kind);
     let mut events = watcher(f.api.clone(), watcher::Config::default())
-        .default_backoff()
+        .backoff(watch_backoff())
         .boxed();
     // Packed as they arrive: a list of 100,000 endpoints is held whole
     // until it is complete.
     let mut buffer: Vec<(ObjKey, Packed)> = Vec::new();
     let mut lists = 0u64;
+    // When the current break began, if the watch is broken.
+    let mut broken_since: Option<tokio::time::Instant> = None;
     // Converts, or on refusal keeps what the store holds for that key.
     let accept = |object: &K| -> Option<Resource> {
         match (f.convert)(object) {
@@ -268,6 +325,32 @@ where
             tracing::warn!(kind = name, "watch stream ended");
             return Ok(());
         };
+        match &event {
+            // Init comes before the list is even asked for.
+            Ok(watcher::Event::Init) => {}
+            Ok(_) => {
+                ctx.health.working(f.kind);
+                if let Some(since) = broken_since.take() {
+                    tracing::info!(kind = name, after = ?since.elapsed(), "watch working again");
+                }
+            }
+            // Gone: an answer; the watcher lists again at once.
+            Err(watcher::Error::WatchError(s)) if s.code == 410 => {
+                ctx.metrics.watch_error(f.kind);
+            }
+            Err(e) => {
+                ctx.health.broken(f.kind, &e.to_string());
+                ctx.metrics.watch_error(f.kind);
+                // Retried about every second: the first error of a break
+                // is a warning, the others are for debugging.
+                if broken_since.is_none() {
+                    broken_since = Some(tokio::time::Instant::now());
+                    tracing::warn!(kind = name, error = %e, "watch error; retrying every second at most");
+                } else {
+                    tracing::debug!(kind = name, error = %e, "watch error; retrying");
+                }
+            }
+        }
         match event {
             Ok(watcher::Event::Init) => {
                 buffer.clear();
@@ -302,10 +385,7 @@ where
                 ctx.store
                     .apply(Change::Delete(key_of(&object, f.kind, f.namespaced)))?;
             }
-            Err(e) => {
-                ctx.metrics.watch_error(f.kind);
-                tracing::warn!(kind = name, error = %e, "watch error; backing off and retrying");
-            }
+            Err(_) => {}
         }
     }
 }

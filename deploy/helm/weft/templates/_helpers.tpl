@@ -168,7 +168,16 @@ key leaves the variable unset.
 {{- end }}
 {{- end }}
 
-{{/* gRPC health probes (Kubernetes >= 1.24). */}}
+{{/*
+Probes. Startup and readiness ask the gRPC health service (Kubernetes >=
+1.24), which says NOT_SERVING while a service cannot do its job: svc-watcher
+before its first complete list or while a watch has been broken beyond
+--watch-unready-after, ipam-svc and identity-svc while their store has not
+reached the API for --api-unready-after. Liveness asks only whether the
+process answers (the metrics server's /healthz, or the gRPC port): a restart
+would not bring the API back, and would lose what the service keeps serving
+from memory meanwhile.
+*/}}
 {{- define "weft.probes" -}}
 startupProbe:
   grpc:
@@ -181,8 +190,14 @@ readinessProbe:
   periodSeconds: 5
   failureThreshold: 2
 livenessProbe:
-  grpc:
+  {{- if .root.Values.prometheus.enabled }}
+  httpGet:
+    path: /healthz
+    port: {{ include "weft.metricsPort" . }}
+  {{- else }}
+  tcpSocket:
     port: {{ include "weft.grpcPort" . }}
+  {{- end }}
   periodSeconds: 10
   timeoutSeconds: 5
   failureThreshold: 6

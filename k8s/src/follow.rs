@@ -1,0 +1,76 @@
+//! Following a store's own custom resources, to hear of what other replicas
+//! wrote.
+
+use std::fmt::Debug;
+
+use futures::StreamExt as _;
+use kube::{
+    Api,
+    runtime::{WatchStreamExt as _, watcher},
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::retry::{ApiHealth, watch_backoff, watch_unreachable};
+
+/// Watches `api` until `shutdown` and ticks `tx` for every change `known`
+/// does not recognise (`known(object, deleted)`: this replica wrote it, or
+/// already saw it gone), and after every (re)list. Every event and every
+/// watch error goes to `health`, so an outage shows while nobody writes.
+pub async fn changes<K>(
+    api: Api<K>,
+    health: ApiHealth,
+    known: impl Fn(&K, bool) -> bool,
+    tx: watch::Sender<u64>,
+    shutdown: CancellationToken,
+) where
+    K: kube::Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    K::DynamicType: Default,
+{
+    let kind = K::kind(&Default::default()).into_owned();
+    let mut events = watcher(api, watcher::Config::default())
+        .backoff(watch_backoff())
+        .boxed();
+    let mut broken = false;
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            e = events.next() => e,
+        };
+        let changed = match event {
+            None => return,
+            Some(Err(e)) => {
+                if watch_unreachable(&e) {
+                    health.failed(&e);
+                } else {
+                    health.succeeded();
+                }
+                // Retried about every second: the first error of a break
+                // is a warning, the others are for debugging.
+                if broken {
+                    tracing::debug!(%kind, error = %e, "watch error; retrying");
+                } else {
+                    tracing::warn!(%kind, error = %e, "watch error; retrying every second at most");
+                }
+                broken = true;
+                false
+            }
+            Some(Ok(event)) => {
+                health.succeeded();
+                if std::mem::take(&mut broken) {
+                    tracing::info!(%kind, "watch working again");
+                }
+                match event {
+                    watcher::Event::Apply(o) => !known(&o, false),
+                    watcher::Event::Delete(o) => !known(&o, true),
+                    watcher::Event::InitDone => true,
+                    watcher::Event::Init | watcher::Event::InitApply(_) => false,
+                }
+            }
+        };
+        if changed {
+            tx.send_modify(|n| *n += 1);
+        }
+    }
+}
