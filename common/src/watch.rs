@@ -22,6 +22,17 @@ use weft_proto::watcher::v1::{
 
 use crate::backoff::Backoff;
 
+/// The Service annotation that picks the backend selection algorithm
+/// (read by datapath-svc).
+pub const LB_ALGORITHM_ANNOTATION: &str = "weft.io/lb-algorithm";
+
+/// The annotations svc-watcher forwards: those a subscriber reads, and no
+/// others. The rest (`kubectl.kubernetes.io/last-applied-configuration`, a
+/// whole copy of the object, above all) would travel to every subscriber
+/// and sit in every cache for nothing. A subscriber that starts reading an
+/// annotation adds it here.
+pub const FORWARDED_ANNOTATIONS: &[&str] = &[LB_ALGORITHM_ANNOTATION];
+
 /// The identity of an object in the cluster state.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjKey {

@@ -11,8 +11,9 @@ use weft_proto::watcher::v1::{
 
 use crate::maps::{IPPROTO_TCP, IPPROTO_UDP, algorithm, svc_flags};
 
-/// The Service annotation that picks the backend selection algorithm.
-pub const ALGORITHM_ANNOTATION: &str = "weft.io/lb-algorithm";
+/// The Service annotation that picks the backend selection algorithm; one
+/// of the annotations svc-watcher forwards.
+pub const ALGORITHM_ANNOTATION: &str = weft_common::watch::LB_ALGORITHM_ANNOTATION;
 
 /// Service labels that hand a Service to another proxy, or to none: a
 /// Service with either is not weft's to serve, as kube-proxy leaves it

@@ -14,6 +14,7 @@ use k8s_openapi::{
     api::{core::v1 as core, discovery::v1 as discovery, networking::v1 as networking},
     apimachinery::pkg::{apis::meta::v1 as meta, util::intstr::IntOrString},
 };
+use weft_common::watch::FORWARDED_ANNOTATIONS;
 use weft_proto::watcher::v1::{
     self as pb, Protocol, ServiceType, SessionAffinity, TrafficPolicy, resource,
 };
@@ -110,10 +111,22 @@ fn object_meta(m: &meta::ObjectMeta, scope: Scope) -> Result<pb::ObjectMeta> {
         name,
         uid: m.uid.clone().unwrap_or_default(),
         labels: to_map(m.labels.as_ref()),
-        annotations: to_map(m.annotations.as_ref()),
+        annotations: forwarded(m.annotations.as_ref()),
         resource_version: m.resource_version.clone().unwrap_or_default(),
         deleting: m.deletion_timestamp.is_some(),
     })
+}
+
+/// The annotations subscribers read ([`FORWARDED_ANNOTATIONS`]); the rest
+/// stay behind.
+fn forwarded(m: Option<&BTreeMap<String, String>>) -> BTreeMap<String, String> {
+    m.map(|m| {
+        m.iter()
+            .filter(|(k, _)| FORWARDED_ANNOTATIONS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    })
+    .unwrap_or_default()
 }
 
 fn to_map(m: Option<&BTreeMap<String, String>>) -> BTreeMap<String, String> {

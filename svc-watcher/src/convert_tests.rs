@@ -48,6 +48,53 @@ fn err_text<T: std::fmt::Debug>(r: Result<T>) -> String {
 
 // ---------------------------------------------------------------- Service
 
+/// Only what a subscriber reads travels: kubectl's copy of the whole
+/// object and everyone else's notes stay behind, on every kind.
+#[test]
+fn only_the_annotations_subscribers_read_are_forwarded() {
+    let annotations = r#"
+  annotations:
+    weft.io/lb-algorithm: maglev
+    kubectl.kubernetes.io/last-applied-configuration: '{"apiVersion":"v1","kind":"Service","metadata":{"name":"web"}}'
+    deployment.kubernetes.io/revision: "3"
+    note: hi"#;
+    let s = svc(&format!(
+        "metadata:\n  name: web{annotations}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{{port: 80}}]\n"
+    ))
+    .unwrap();
+    let kept: Vec<(&str, &str)> = s
+        .meta
+        .as_ref()
+        .unwrap()
+        .annotations
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert_eq!(kept, [("weft.io/lb-algorithm", "maglev")]);
+    for key in weft_common::watch::FORWARDED_ANNOTATIONS {
+        assert!(
+            s.meta.as_ref().unwrap().annotations.contains_key(*key),
+            "{key} is forwarded"
+        );
+    }
+
+    let p = pod_of(&format!(
+        "metadata:\n  name: p{annotations}\nspec:\n  nodeName: n\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        p.meta.unwrap().annotations.keys().collect::<Vec<_>>(),
+        ["weft.io/lb-algorithm"]
+    );
+    let n = node_of(&format!("metadata:\n  name: n{annotations}\n")).unwrap();
+    assert!(
+        !n.meta
+            .unwrap()
+            .annotations
+            .contains_key("kubectl.kubernetes.io/last-applied-configuration")
+    );
+}
+
 #[test]
 fn service_defaults_are_kubernetes_defaults() {
     let s = svc(r#"
@@ -83,7 +130,7 @@ metadata:
   uid: u-1
   resourceVersion: "42"
   labels: {app: shop}
-  annotations: {note: hi}
+  annotations: {weft.io/lb-algorithm: maglev}
   deletionTimestamp: "2024-01-01T00:00:00Z"
 spec:
   type: LoadBalancer
@@ -108,7 +155,7 @@ status:
     assert_eq!(meta.uid, "u-1");
     assert_eq!(meta.resource_version, "42");
     assert_eq!(meta.labels["app"], "shop");
-    assert_eq!(meta.annotations["note"], "hi");
+    assert_eq!(meta.annotations["weft.io/lb-algorithm"], "maglev");
     assert!(meta.deleting);
     assert_eq!(s.r#type(), ServiceType::LoadBalancer);
     assert_eq!(s.cluster_ips, vec!["10.96.0.1", "fd00::1"]);
