@@ -7,7 +7,7 @@
 //! minutes, under any deadline weft sets. Found in an outage test: one
 //! identity allocation stayed 95 s inside the client. Retries are
 //! [`crate::retry`]'s, within a budget, and watches back off as
-//! [`crate::retry::watch_backoff`] says.
+//! [`crate::retry::backed_off`] says.
 
 use std::path::Path;
 

@@ -4,15 +4,12 @@
 use std::fmt::Debug;
 
 use futures::StreamExt as _;
-use kube::{
-    Api,
-    runtime::{WatchStreamExt as _, watcher},
-};
+use kube::{Api, runtime::watcher};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::retry::{ApiHealth, watch_backoff, watch_unreachable};
+use crate::retry::{ApiHealth, backed_off, watch_unreachable};
 
 /// Watches `api` until `shutdown` and ticks `tx` for every change `known`
 /// does not recognise (`known(object, deleted)`: this replica wrote it, or
@@ -29,9 +26,7 @@ pub async fn changes<K>(
     K::DynamicType: Default,
 {
     let kind = K::kind(&Default::default()).into_owned();
-    let mut events = watcher(api, watcher::Config::default())
-        .backoff(watch_backoff())
-        .boxed();
+    let mut events = backed_off(watcher(api, watcher::Config::default())).boxed();
     let mut broken = false;
     loop {
         let event = tokio::select! {

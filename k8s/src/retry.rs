@@ -14,15 +14,21 @@
 //! - [`ApiHealth`] records every outcome (the calls' and the watches'), and
 //!   [`ApiHealth::report`] turns "failing for longer than a bound" into a
 //!   [`Readiness`] for the gRPC health service.
-//! - [`watch_backoff`] is the back-off of the kube-runtime watchers: low and
+//! - [`backed_off`] is the back-off of the kube-runtime watchers: low and
 //!   capped, so a watch is current again within about a second of the API
-//!   server's return however long it was gone.
+//!   server's return however long it was gone, and none after 410 Gone.
 
 use std::{fmt, future::Future, time::Duration};
 
+use futures::{Stream, StreamExt as _};
+use kube::runtime::watcher;
+
 use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
-use weft_common::{backoff::Backoff, readiness::Readiness};
+use weft_common::{
+    backoff::{Backoff, sleep_until},
+    readiness::Readiness,
+};
 
 use crate::{
     api::status_code,
@@ -59,8 +65,8 @@ pub fn transient(e: &kube::Error) -> bool {
 
 /// Whether a watch error means the API did not answer (as against an
 /// answer such as 410 Gone, after which the watcher lists again).
-pub fn watch_unreachable(e: &kube::runtime::watcher::Error) -> bool {
-    use kube::runtime::watcher::Error as W;
+pub fn watch_unreachable(e: &watcher::Error) -> bool {
+    use watcher::Error as W;
     match e {
         W::InitialListFailed(e) | W::WatchStartFailed(e) | W::WatchFailed(e) => transient(e),
         W::WatchError(s) => s.code == 429 || s.code >= 500,
@@ -178,28 +184,26 @@ impl ApiHealth {
         let mut reach = self.reach.subscribe();
         loop {
             let now = reach.borrow_and_update().clone();
-            match now {
+            // When a failure that is not yet long enough will be.
+            let due = match now {
                 Reach::Reachable => {
                     readiness.send_if_modified(|r| set(r, Readiness::Ready));
+                    None
                 }
-                Reach::Failing { since, .. } => {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = reach.changed() => continue,
-                        _ = tokio::time::sleep_until(since + bound) => {}
-                    }
-                    if let Reach::Failing { since, error } = &*reach.borrow() {
-                        let why = format!(
-                            "the Kubernetes API has not answered for {:.1} s: {error}",
-                            since.elapsed().as_secs_f64()
-                        );
-                        readiness.send_if_modified(|r| set(r, Readiness::NotReady(why)));
-                    }
+                Reach::Failing { since, error } if since + bound <= Instant::now() => {
+                    let why = format!(
+                        "the Kubernetes API has been failing for {:.1} s: {error}",
+                        since.elapsed().as_secs_f64()
+                    );
+                    readiness.send_if_modified(|r| set(r, Readiness::NotReady(why)));
+                    None
                 }
-            }
+                Reach::Failing { since, .. } => Some(since + bound),
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 changed = reach.changed() => if changed.is_err() { return },
+                _ = sleep_until(due), if due.is_some() => {}
             }
         }
     }
@@ -273,27 +277,43 @@ where
     }
 }
 
-/// The back-off for kube-runtime watchers (`.backoff(watch_backoff())`).
-pub fn watch_backoff() -> WatchBackoff {
-    WatchBackoff(Backoff::new(WATCH_FIRST_DELAY, WATCH_MAX_DELAY))
+/// A kube-runtime watcher stream with weft's back-off: after an error the
+/// stream pauses (from 100 ms, doubling to about a second; reset by every
+/// event), except after 410 Gone, which is an answer: the watcher lists
+/// again at once. kube-runtime's `StreamBackoff` pauses after every error,
+/// 410 included, so after an outage that lost the API server's history a
+/// watch waited out a whole grown back-off before listing again.
+pub fn backed_off<K, S>(
+    events: S,
+) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send
+where
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    K: Send + 'static,
+{
+    let state = (Box::pin(events), watch_backoff(), None::<Duration>);
+    futures::stream::unfold(state, |(mut events, mut backoff, pause)| async move {
+        if let Some(pause) = pause {
+            tokio::time::sleep(pause).await;
+        }
+        let item = events.next().await?;
+        let pause = match &item {
+            Ok(_) => {
+                backoff.reset();
+                None
+            }
+            Err(watcher::Error::WatchError(s)) if s.code == 410 => {
+                backoff.reset();
+                None
+            }
+            Err(_) => Some(backoff.next_delay()),
+        };
+        Some((item, (events, backoff, pause)))
+    })
 }
 
-/// See [`watch_backoff`].
-#[derive(Debug, Clone)]
-pub struct WatchBackoff(Backoff);
-
-impl Iterator for WatchBackoff {
-    type Item = Duration;
-
-    fn next(&mut self) -> Option<Duration> {
-        Some(self.0.next_delay())
-    }
-}
-
-impl kube::runtime::utils::Backoff for WatchBackoff {
-    fn reset(&mut self) {
-        self.0.reset();
-    }
+/// The pauses of [`backed_off`].
+fn watch_backoff() -> Backoff {
+    Backoff::new(WATCH_FIRST_DELAY, WATCH_MAX_DELAY)
 }
 
 #[cfg(test)]
@@ -320,18 +340,43 @@ mod tests {
         assert!(!transient(&api_error(404)));
     }
 
-    #[test]
-    fn the_watch_backoff_stays_near_a_second_and_resets() {
-        use kube::runtime::utils::Backoff as _;
-        let mut b = watch_backoff();
-        let delays: Vec<Duration> = (0..10).filter_map(|_| b.next()).collect();
-        assert!(delays[0] < Duration::from_millis(150), "{delays:?}");
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_pauses_a_second_at_most_and_not_after_410() {
+        use kube::runtime::watcher::{Error as W, Event};
+        let unreachable = || Err(W::WatchFailed(timed_out("watch", Duration::ZERO)));
+        let gone = || {
+            Err(W::WatchError(Box::new(
+                kube::core::Status::failure("too old", "Expired").with_code(410),
+            )))
+        };
+        let items: Vec<Result<Event<()>, W>> = (0..8)
+            .map(|_| unreachable())
+            .chain([
+                gone(),
+                Ok(Event::InitDone),
+                unreachable(),
+                Ok(Event::InitDone),
+            ])
+            .collect();
+        let mut stream = std::pin::pin!(backed_off(futures::stream::iter(items)));
+        let mut gaps = Vec::new();
+        let mut last = Instant::now();
+        while let Some(item) = stream.next().await {
+            gaps.push((item.is_ok(), last.elapsed()));
+            last = Instant::now();
+        }
+        let pauses: Vec<Duration> = gaps.iter().map(|(_, d)| *d).collect();
+        assert_eq!(pauses[0], Duration::ZERO, "{pauses:?}");
+        assert!(pauses[1] < Duration::from_millis(150), "{pauses:?}");
         assert!(
-            delays.iter().all(|d| *d <= Duration::from_millis(1200)),
-            "{delays:?}"
+            pauses.iter().all(|d| *d <= Duration::from_millis(1200)),
+            "{pauses:?}"
         );
-        b.reset();
-        assert!(b.next().is_some_and(|d| d < Duration::from_millis(150)));
+        assert!(pauses[7] >= Duration::from_secs(1), "grown: {pauses:?}");
+        // After 410 Gone the list comes at once; after an event the back-off
+        // starts small again.
+        assert_eq!(pauses[9], Duration::ZERO, "{pauses:?}");
+        assert!(pauses[11] < Duration::from_millis(150), "{pauses:?}");
     }
 
     #[tokio::test(start_paused = true)]

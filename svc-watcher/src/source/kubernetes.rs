@@ -4,7 +4,7 @@
 //! watches from the list's resourceVersion with bookmarks on, so a
 //! reconnect resumes where it was; a `410 Gone` (the resume point was
 //! compacted away) makes it list again, and errors back off with
-//! [`weft_k8s::retry::watch_backoff`]: at most about a second, so the state
+//! [`weft_k8s::retry::backed_off`]: at most about a second (none after 410), so the state
 //! is current again within about a second of the API server's return,
 //! however long it was gone (kube-runtime's default back-off, up to 30 s
 //! and reset only after two quiet minutes, left it a minute behind). Every
@@ -32,10 +32,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
 };
-use kube::{
-    Api, Client, ResourceExt as _,
-    runtime::{WatchStreamExt as _, watcher},
-};
+use kube::{Api, Client, ResourceExt as _, runtime::watcher};
 use serde::de::DeserializeOwned;
 use tokio::{
     sync::{mpsc, oneshot},
@@ -46,7 +43,7 @@ use weft_common::watch::{ObjKey, Packed};
 use weft_k8s::access::{Access, WATCH};
 use weft_k8s::{
     observe::{Observer, Outcome},
-    retry::watch_backoff,
+    retry::backed_off,
 };
 use weft_proto::watcher::v1::{Kind, Resource};
 
@@ -295,9 +292,7 @@ where
     K: kube::Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let name = kind_name(f.kind);
-    let mut events = watcher(f.api.clone(), watcher::Config::default())
-        .backoff(watch_backoff())
-        .boxed();
+    let mut events = backed_off(watcher(f.api.clone(), watcher::Config::default())).boxed();
     // Packed as they arrive: a list of 100,000 endpoints is held whole
     // until it is complete.
     let mut buffer: Vec<(ObjKey, Packed)> = Vec::new();
