@@ -943,3 +943,371 @@ spec:
     );
     lab.down().await;
 }
+
+/// Waits until `node` programs an entry for `frontend` (as clients dial
+/// it) of `service_type` (as weftctl prints it, `NodePort (internal)` for
+/// an internal entry) with `active` backends: unlike
+/// [`TestLab::wait_frontend`], an entry with none must be there too.
+async fn wait_entry(lab: &TestLab, node: &str, frontend: &str, service_type: &str, active: usize) {
+    let dp = lab.datapath(node);
+    weft_e2e::eventually(
+        Duration::from_secs(20),
+        &format!("{node}: {service_type} {frontend} with {active} active backends"),
+        || {
+            let mut dp = dp.clone();
+            async move {
+                let services = dp
+                    .list_services(weft_proto::datapath::v1::ListServicesRequest {})
+                    .await?
+                    .into_inner()
+                    .services;
+                let entry = services
+                    .iter()
+                    .find(|s| s.frontend == frontend && s.r#type == service_type)
+                    .ok_or_else(|| anyhow::anyhow!("not programmed"))?;
+                let got = entry
+                    .backends
+                    .iter()
+                    .filter(|b| b.state == "active")
+                    .count();
+                anyhow::ensure!(got == active, "{got} active backends");
+                Ok(())
+            }
+        },
+    )
+    .await;
+}
+
+/// How one request ended: the name of the pod that answered, or the error
+/// the client's socket gave; and how long that took.
+#[derive(Debug)]
+struct Attempt {
+    outcome: Result<String, std::io::ErrorKind>,
+    took: Duration,
+}
+
+impl Attempt {
+    fn refused_at_once(&self) -> bool {
+        self.outcome == Err(std::io::ErrorKind::ConnectionRefused)
+            && self.took < Duration::from_secs(1)
+    }
+}
+
+/// A TCP `who` request to `addr`, from the current thread's namespace.
+fn tcp_attempt(addr: SocketAddr, timeout: Duration) -> Attempt {
+    use std::io::{BufRead as _, Write as _};
+    let started = std::time::Instant::now();
+    let outcome = std::net::TcpStream::connect_timeout(&addr, timeout).and_then(|mut s| {
+        s.set_read_timeout(Some(timeout))?;
+        s.write_all(b"who\n")?;
+        let mut reply = String::new();
+        std::io::BufReader::new(&mut s).read_line(&mut reply)?;
+        Ok(reply
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string())
+    });
+    Attempt {
+        outcome: outcome.map_err(|e| e.kind()),
+        took: started.elapsed(),
+    }
+}
+
+/// A UDP `who` datagram to `addr` from a connected socket, which is how a
+/// UDP client learns of an ICMP port unreachable (recv fails with
+/// ECONNREFUSED). connect() itself must succeed: this is the per-packet
+/// path, not a socket hook refusing the connect.
+fn udp_attempt(addr: SocketAddr, timeout: Duration) -> anyhow::Result<Attempt> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    s.set_read_timeout(Some(timeout))?;
+    s.connect(addr)?;
+    let started = std::time::Instant::now();
+    s.send(b"who\n")?;
+    let mut buf = [0u8; 512];
+    let outcome = s.recv(&mut buf).map(|n| {
+        String::from_utf8_lossy(&buf[..n])
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    });
+    Ok(Attempt {
+        outcome: outcome.map_err(|e| e.kind()),
+        took: started.elapsed(),
+    })
+}
+
+/// Each (address, UDP?) request from `from`, in order.
+fn attempts(lab: &TestLab, from: &From, targets: &[(SocketAddr, bool)]) -> Vec<Attempt> {
+    let targets = targets.to_vec();
+    let what = format!("{from:?} -> {targets:?}");
+    in_pod(&from.netns(lab), move || {
+        targets
+            .iter()
+            .map(|(addr, udp)| {
+                if *udp {
+                    udp_attempt(*addr, TIMEOUT)
+                } else {
+                    Ok(tcp_attempt(*addr, TIMEOUT))
+                }
+            })
+            .collect()
+    })
+    .unwrap_or_else(|e| panic!("{what}: {e:#}"))
+}
+
+const NOTHING: &str = r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: nothing
+  namespace: default
+spec:
+  type: LoadBalancer
+  selector:
+    app: nobody
+  externalIPs: [192.0.2.20]
+  ports:
+    - name: tcp
+      protocol: TCP
+      port: 80
+      targetPort: 8080
+      nodePort: 30210
+    - name: udp
+      protocol: UDP
+      port: 53
+      targetPort: 8080
+      nodePort: 30253
+status:
+  loadBalancer:
+    ingress:
+      - ip: 198.51.100.20
+"#;
+
+/// A Service with no endpoints refuses at once on the per-packet paths,
+/// as kube-proxy's REJECT rule does: a pod whose traffic its veth
+/// translates, and a client outside the cluster reaching the NodePort,
+/// ExternalIP and LoadBalancer address, get a TCP reset or an ICMP port
+/// unreachable (ECONNREFUSED either way) rather than silence and a
+/// time-out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_without_endpoints_refuse_at_once_per_packet_and_from_outside() {
+    let lab = TestLab::up_with("reject_no_endpoints", 1, |cfg| {
+        cfg.datapath_args
+            .push("--socket-lb-host-namespace-only=true".into());
+    })
+    .await;
+    let node = lab.node_names()[0].clone();
+    let ip = lab.node_addr(&node).expect("node address");
+    lab.manifests
+        .apply_yaml("service-nothing.yaml", NOTHING)
+        .expect("apply");
+    lab.manifests
+        .apply_yaml(
+            "pod-client.yaml",
+            &pod("client", &[("app", "client")], None, None),
+        )
+        .expect("apply");
+    wait_pods(&lab, &["client"]).await;
+    let vip = lab.cluster_ip("nothing").await;
+    let external_ip: Ipv4Addr = "192.0.2.20".parse().expect("address");
+    let lb_ip: Ipv4Addr = "198.51.100.20".parse().expect("address");
+    for (frontend, kind) in [
+        (format!("{vip}:80/TCP"), "ClusterIP"),
+        (format!("{vip}:53/UDP"), "ClusterIP"),
+        (format!("{ip}:30210/TCP"), "NodePort"),
+        (format!("{ip}:30253/UDP"), "NodePort"),
+        (format!("{external_ip}:80/TCP"), "ExternalIP"),
+        (format!("{lb_ip}:53/UDP"), "LoadBalancer"),
+    ] {
+        wait_entry(&lab, &node, &frontend, kind, 0).await;
+    }
+
+    let tcp = |a: Ipv4Addr, p: u16| (SocketAddr::from((a, p)), false);
+    let udp = |a: Ipv4Addr, p: u16| (SocketAddr::from((a, p)), true);
+    let external_targets = [
+        tcp(ip, 30210),
+        udp(ip, 30253),
+        tcp(external_ip, 80),
+        udp(external_ip, 53),
+        tcp(lb_ip, 80),
+        udp(lb_ip, 53),
+    ];
+    let from_pod: Vec<_> = [tcp(vip, 80), udp(vip, 53)]
+        .into_iter()
+        .chain(external_targets)
+        .collect();
+    let dropped_before = packets(&lab, &node, "no_backend").await;
+    let mut sent = 0;
+    for (from, targets) in [
+        (From::Pod("client"), from_pod.as_slice()),
+        (From::Outside, external_targets.as_slice()),
+    ] {
+        let results = attempts(&lab, &from, targets);
+        for ((addr, is_udp), attempt) in targets.iter().zip(&results) {
+            let proto = if *is_udp { "UDP" } else { "TCP" };
+            println!("{from:?} -> {addr} {proto}: {attempt:?}");
+            assert!(
+                attempt.refused_at_once(),
+                "{from:?} -> {addr} {proto}: refused within 1 s: {attempt:?}"
+            );
+        }
+        sent += targets.len() as u64;
+    }
+    let dropped = packets(&lab, &node, "no_backend").await - dropped_before;
+    assert_eq!(
+        dropped, sent,
+        "one packet each, counted as dropped for want of a backend (no retransmission)"
+    );
+    lab.down().await;
+}
+
+const EDGE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: edge
+  namespace: default
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  selector:
+    app: edge
+  externalIPs: [192.0.2.30]
+  ports:
+    - name: tcp
+      protocol: TCP
+      port: 80
+      targetPort: 8080
+      nodePort: 30310
+    - name: udp
+      protocol: UDP
+      port: 53
+      targetPort: 8080
+      nodePort: 30353
+status:
+  loadBalancer:
+    ingress:
+      - ip: 198.51.100.30
+"#;
+
+/// `externalTrafficPolicy: Local` is for traffic from outside the cluster
+/// only, as kube-proxy has it since 1.24: a pod and a node process on node 1
+/// reach the NodePort of node 1, the ExternalIP and the LoadBalancer
+/// address of a Service whose only endpoint is on node 2, while a client
+/// outside gets an answer only from node 2, and node 1 drops what it gets
+/// (it has none of the endpoints the Service has elsewhere; kube-proxy drops
+/// there too, so a load balancer's retry finds another node). Pods reach
+/// Services at connect time unless `per_packet`.
+async fn a_local_external_policy_is_for_outside_traffic_only(per_packet: bool) {
+    let lab = TestLab::up_with(&format!("etp_local_internal_{per_packet}"), 2, |cfg| {
+        if per_packet {
+            cfg.datapath_args
+                .push("--socket-lb-host-namespace-only=true".into());
+        }
+    })
+    .await;
+    let nodes = lab.node_names();
+    let (n1, n2) = (nodes[0].clone(), nodes[1].clone());
+    let ip1 = lab.node_addr(&n1).expect("node 1 address");
+    let ip2 = lab.node_addr(&n2).expect("node 2 address");
+    lab.manifests
+        .apply_yaml("service-edge.yaml", EDGE)
+        .expect("apply");
+    for (name, app, node) in [("edge-2", "edge", &n2), ("client-1", "client", &n1)] {
+        lab.manifests
+            .apply_yaml(
+                &format!("pod-{name}.yaml"),
+                &pod(name, &[("app", app)], Some(node), None),
+            )
+            .expect("apply");
+    }
+    wait_pods(&lab, &["edge-2", "client-1"]).await;
+    let external_ip: Ipv4Addr = "192.0.2.30".parse().expect("address");
+    let lb_ip: Ipv4Addr = "198.51.100.30".parse().expect("address");
+    wait_entry(&lab, &n2, &format!("{ip2}:30310/TCP"), "NodePort", 1).await;
+    for (frontend, kind) in [
+        (format!("{ip1}:30310/TCP"), "NodePort"),
+        (format!("{ip1}:30353/UDP"), "NodePort"),
+        (format!("{external_ip}:80/TCP"), "ExternalIP"),
+        (format!("{lb_ip}:80/TCP"), "LoadBalancer"),
+    ] {
+        wait_entry(&lab, &n1, &frontend, kind, 0).await;
+        wait_entry(&lab, &n1, &frontend, &format!("{kind} (internal)"), 1).await;
+    }
+
+    let inside = [
+        (SocketAddr::from((ip1, 30310)), false),
+        (SocketAddr::from((ip1, 30353)), true),
+        (SocketAddr::from((external_ip, 80)), false),
+        (SocketAddr::from((lb_ip, 80)), false),
+        (SocketAddr::from((lb_ip, 53)), true),
+    ];
+    for from in [From::Pod("client-1"), From::Node(n1.clone())] {
+        for (addr, udp) in inside {
+            let answers = ask(&lab, &from, addr, udp, 5);
+            println!(
+                "{from:?} -> {addr} {}: {answers:?}",
+                if udp { "UDP" } else { "TCP" }
+            );
+            assert_eq!(
+                answers,
+                BTreeMap::from([("edge-2".to_string(), 5)]),
+                "{from:?} -> {addr}: the endpoint on the other node answers"
+            );
+        }
+    }
+
+    // From outside: node 2 answers with the client's address kept (the
+    // LoadBalancer address is routed to it, the last node) ...
+    let outside = From::Outside.netns(&lab);
+    for addr in [
+        SocketAddr::from((ip2, 30310)),
+        SocketAddr::from((lb_ip, 80)),
+    ] {
+        let (who, peer) = in_pod(&outside, move || tcp_who_peer(addr, TIMEOUT))
+            .unwrap_or_else(|e| panic!("outside -> {addr}: {e:#}"));
+        println!("outside -> {addr}: {who}, which saw {peer}");
+        assert_eq!(who, "edge-2");
+        assert_eq!(peer.ip(), std::net::IpAddr::V4(weft_lab::lab::CP_ADDR));
+    }
+    // ... and node 1 (which the ExternalIP is routed to) has no backend:
+    // dropped, neither answered nor refused.
+    let dropped_before = packets(&lab, &n1, "no_backend").await;
+    let targets = [
+        (SocketAddr::from((ip1, 30310)), false),
+        (SocketAddr::from((ip1, 30353)), true),
+        (SocketAddr::from((external_ip, 80)), false),
+    ];
+    let results = attempts(&lab, &From::Outside, &targets);
+    for ((addr, udp), attempt) in targets.iter().zip(&results) {
+        println!(
+            "outside -> {addr} {}: {attempt:?}",
+            if *udp { "UDP" } else { "TCP" }
+        );
+        assert!(
+            matches!(
+                attempt.outcome,
+                Err(std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock)
+            ),
+            "outside -> {addr}: no answer and no refusal: {attempt:?}"
+        );
+    }
+    let dropped = packets(&lab, &n1, "no_backend").await - dropped_before;
+    assert!(
+        dropped >= targets.len() as u64,
+        "{dropped} packets dropped on {n1} for want of a local backend"
+    );
+    lab.down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_external_policy_is_for_outside_traffic_only_at_connect_time() {
+    a_local_external_policy_is_for_outside_traffic_only(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_external_policy_is_for_outside_traffic_only_per_packet() {
+    a_local_external_policy_is_for_outside_traffic_only(true).await;
+}

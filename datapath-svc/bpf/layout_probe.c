@@ -34,6 +34,7 @@ int main(void)
 	FIELD(lb4_service, rev_nat_index);
 	FIELD(lb4_service, flags);
 	FIELD(lb4_service, algorithm);
+	FIELD(lb4_service, flags2);
 	FIELD(lb4_service, affinity_timeout);
 	END();
 	STRUCT(lb4_backend);

@@ -14,6 +14,9 @@
  *    replies;
  *  - to_netdev (egress) translates replies of local backends to outside
  *    clients, and masquerades pod traffic leaving the cluster.
+ * from_container and from_netdev answer a packet for a Service with no
+ * endpoints there and then, with a TCP reset or an ICMP port unreachable
+ * (see reject.h).
  * On the cgroup socket hooks, for the node's own processes:
  *  - sock_connect4 / sock_sendmsg4 rewrite a service address to a backend
  *    at connect()/sendmsg() time; sock_recvmsg4 / sock_getpeername4 show
@@ -30,6 +33,7 @@
 #include "lib/sock.h"
 #include "lib/policy.h"
 #include "lib/flows.h"
+#include "lib/reject.h"
 
 #define NODE_ADDRS_MAP_SIZE 256
 
@@ -47,12 +51,37 @@ enum {
 	NOT_OURS = -2,
 };
 
+/* A new packet for a frontend that has no backend to give it. kube-proxy
+ * rejects traffic to a Service without endpoints, so that clients fail at
+ * once, but drops what a Local traffic policy keeps from a node without
+ * the endpoints the Service has elsewhere (SVC_FLAG2_ENDPOINTS_ELSEWHERE):
+ * a client behind a load balancer retries, and is sent to another node.
+ * Either way the flow is reported dropped, for want of a backend.
+ * Returns a tc verdict. */
+static __always_inline int lb4_no_backend(struct __sk_buff *skb, const struct tuple4 *t,
+					  const struct lb4_service *s, int external)
+{
+	struct flow_event ev = {};
+
+	flow_fill(&ev, t, FLOW_DROPPED, REASON_NO_BACKEND);
+	ev.ep_id = external ? 0 : skb->ifindex;
+	flow_emit(&ev);
+	count(skb, REASON_NO_BACKEND);
+	if (s->flags2 & SVC_FLAG2_ENDPOINTS_ELSEWHERE)
+		return WEFT_DROP;
+	return reject4(skb, t, !external);
+}
+
 /* Translates a packet to a service frontend. `external`: it arrived from
  * outside the node, so only external frontends apply, and a backend on
  * another node needs SNAT (and a redirect, since the new source is ours).
+ * A client in the cluster's pod network counts as internal even there, as
+ * kube-proxy's cluster-CIDR local detection counts it: the Local external
+ * traffic policy is not for it (see lb.h's scopes).
  * Returns NOT_OURS or a tc verdict. */
 static __always_inline int lb4_forward(struct __sk_buff *skb, struct tuple4 *t, int external)
 {
+	struct lb4_key front = { .address = t->daddr, .dport = t->dport, .proto = t->proto };
 	struct lb4_service *svc, s;
 	struct lb4_backend *be, b;
 	struct ct4_entry *e, entry = {}, rentry = {};
@@ -61,9 +90,10 @@ static __always_inline int lb4_forward(struct __sk_buff *skb, struct tuple4 *t, 
 	__be16 nat_port = 0;
 	__u32 backend_id = 0, ifindex;
 	__u64 now;
-		int snat = 0, port, created = 0;
+	int snat = 0, port, created = 0;
+	__u8 scope = external && !in_cluster(t->saddr) ? LB_SCOPE_EXTERNAL : LB_SCOPE_INTERNAL;
 
-	svc = lb4_lookup_service(t->daddr, t->dport, t->proto);
+	svc = lb4_lookup_service(&front, scope);
 	if (!svc)
 		return NOT_OURS;
 	if (external && !(svc->flags & SVC_FLAGS_EXTERNAL))
@@ -86,17 +116,10 @@ static __always_inline int lb4_forward(struct __sk_buff *skb, struct tuple4 *t, 
 		__u32 hash = hash3(t->saddr, t->daddr ^ CFG_HASH_SEED,
 				   (((__u32)t->sport) << 16 | t->dport) ^ t->proto);
 
-		backend_id = lb4_select(t->daddr, t->dport, t->proto, &s, t->saddr, hash, now);
+		backend_id = lb4_select(&front, &s, t->saddr, hash, now);
 		be = lb4_usable_backend(s.flags, backend_id);
-				if (!be) {
-			struct flow_event ev = {};
-
-			flow_fill(&ev, t, FLOW_DROPPED, REASON_NO_BACKEND);
-			ev.ep_id = external ? 0 : skb->ifindex;
-			flow_emit(&ev);
-			count(skb, REASON_NO_BACKEND);
-			return WEFT_DROP;
-		}
+		if (!be)
+			return lb4_no_backend(skb, t, &s, external);
 		b = *be;
 		entry.last_seen = now;
 		entry.backend_id = backend_id;
@@ -415,11 +438,11 @@ int from_container(struct __sk_buff *skb)
 	PARSE_OR_PASS(skb, &t);
 	/* Translate first: egress policy applies to the backend reached. */
 	rc = lb4_forward(skb, &t, 0);
-	if (rc == WEFT_DROP)
-		return rc;
 	if (rc == NOT_OURS) {
 		forget_stale_reverse(&t);
 		count(skb, REASON_PASSED);
+	} else if (rc != WEFT_PASS) {
+		return rc; /* dropped, or rejected back into the pod */
 	}
 	return policy_check(skb, &t, DIR_EGRESS);
 pass:
@@ -521,6 +544,7 @@ static __always_inline int sock4_translate(struct bpf_sock_addr *ctx, int sendms
 	__be16 dport = (__be16)ctx->user_port;
 	__be32 client = 0;
 	__u8 proto = ctx->protocol;
+	struct lb4_key front = { .address = daddr, .dport = dport, .proto = proto };
 	__u64 netns, cookie, now;
 	__u32 id = 0, ep_id = 0, hash;
 	int is_new = 1;
@@ -535,7 +559,8 @@ static __always_inline int sock4_translate(struct bpf_sock_addr *ctx, int sendms
 		client = pod->address;
 		ep_id = pod->ep_id;
 	}
-	svc = lb4_lookup_service(daddr, dport, proto);
+	/* Whoever a hook sees is inside the cluster. */
+	svc = lb4_lookup_service(&front, LB_SCOPE_INTERNAL);
 	if (!svc)
 		return 1;
 	s = *svc;
@@ -572,7 +597,7 @@ static __always_inline int sock4_translate(struct bpf_sock_addr *ctx, int sendms
 			hash = hash3(client, daddr ^ CFG_HASH_SEED, (((__u32)t.sport) << 16 | dport) ^ proto);
 		else
 			hash = hash3((__u32)cookie, (__u32)(cookie >> 32), daddr ^ CFG_HASH_SEED);
-		id = lb4_select(daddr, dport, proto, &s, client, hash, now);
+		id = lb4_select(&front, &s, client, hash, now);
 		be = lb4_usable_backend(s.flags, id);
 	} else {
 		be = bpf_map_lookup_elem(&weft_lb4_backends, &id);

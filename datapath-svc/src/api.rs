@@ -14,7 +14,8 @@ use weft_proto::datapath::v1::{
 
 use crate::{
     agent::Agent,
-    maps::{addr_from_be, port_from_be},
+    lb::Scope,
+    maps::{addr_from_be, port_from_be, scope},
     sync::LbMaps as _,
 };
 
@@ -167,10 +168,16 @@ impl Datapath for DatapathService {
                     })
                     .collect();
                 backends.sort_by_key(|b| b.id);
+                // The address clients dial; which of its entries this is
+                // goes with the type, so the protocol stays last.
+                let r#type = match f.scope {
+                    Scope::External => p.kind.name().to_string(),
+                    Scope::Internal => format!("{} (internal)", p.kind.name()),
+                };
                 ServiceEntry {
                     id: u32::from(p.rev_nat),
-                    frontend: f.to_string(),
-                    r#type: p.kind.name().into(),
+                    frontend: f.dialled(),
+                    r#type,
                     service: p.service.clone(),
                     backends,
                 }
@@ -216,12 +223,17 @@ impl Datapath for DatapathService {
             .into_iter()
             .map(|(k, v)| LbServiceRow {
                 frontend: format!(
-                    "{}:{}/{}",
+                    "{}:{}/{}{}",
                     addr_from_be(k.address),
                     port_from_be(k.dport),
                     crate::lb::Proto::from_number(k.proto)
                         .map(|p| p.to_string())
-                        .unwrap_or_else(|| k.proto.to_string())
+                        .unwrap_or_else(|| k.proto.to_string()),
+                    if k.scope == scope::INTERNAL {
+                        " (internal)"
+                    } else {
+                        ""
+                    }
                 ),
                 slot: u32::from(k.backend_slot),
                 backend_id: v.backend_id,

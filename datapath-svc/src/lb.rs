@@ -9,7 +9,7 @@ use weft_proto::watcher::v1::{
     EndpointSlice, Pod, Protocol, Service, ServiceType, SessionAffinity, TrafficPolicy,
 };
 
-use crate::maps::{IPPROTO_TCP, IPPROTO_UDP, algorithm, svc_flags};
+use crate::maps::{IPPROTO_TCP, IPPROTO_UDP, algorithm, scope, svc_flags};
 
 /// The Service annotation that picks the backend selection algorithm; one
 /// of the annotations svc-watcher forwards.
@@ -116,17 +116,60 @@ impl fmt::Display for Proto {
     }
 }
 
-/// What clients dial: an address, a port and a protocol.
+/// Which clients a frontend's entry serves. Every frontend has an
+/// external one, the only one traffic from outside the cluster sees. The
+/// external frontends of a Service with `externalTrafficPolicy: Local`
+/// whose endpoints are not all on this node also get an internal one, with
+/// every endpoint, for clients inside the cluster: kube-proxy (since 1.24)
+/// applies the Local policy to external traffic only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum Scope {
+    #[default]
+    External,
+    Internal,
+}
+
+impl Scope {
+    pub fn number(self) -> u8 {
+        match self {
+            Scope::External => scope::EXTERNAL,
+            Scope::Internal => scope::INTERNAL,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            scope::EXTERNAL => Some(Scope::External),
+            scope::INTERNAL => Some(Scope::Internal),
+            _ => None,
+        }
+    }
+}
+
+/// What clients dial: an address, a port and a protocol; and which of the
+/// frontend's entries this is (the external one sorts first).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Frontend {
     pub addr: Ipv4Addr,
     pub port: u16,
     pub proto: Proto,
+    pub scope: Scope,
+}
+
+impl Frontend {
+    /// The address as clients dial it, whatever the scope.
+    pub fn dialled(&self) -> String {
+        format!("{}:{}/{}", self.addr, self.port, self.proto)
+    }
 }
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+        f.write_str(&self.dialled())?;
+        if self.scope == Scope::Internal {
+            f.write_str(" (internal)")?;
+        }
+        Ok(())
     }
 }
 
@@ -217,6 +260,14 @@ pub struct FrontendSpec {
     pub algorithm: Algorithm,
     /// ClientIP session affinity: how long a client sticks to its backend.
     pub affinity_timeout: Option<u32>,
+    /// Internal clients have an entry of their own, at `Scope::Internal`
+    /// (set on the external entry).
+    pub internal_scope: bool,
+    /// A Local traffic policy leaves this frontend none of the endpoints
+    /// the Service has on other nodes: its packets are dropped, as
+    /// kube-proxy drops them, rather than rejected as for a Service with
+    /// no endpoints at all.
+    pub endpoints_elsewhere: bool,
 }
 
 impl FrontendSpec {
@@ -288,25 +339,46 @@ pub fn service_frontends<'a>(
             } else {
                 svc.internal_traffic_policy()
             };
-            let backends = if policy == TrafficPolicy::Local {
+            let local = policy == TrafficPolicy::Local;
+            let backends = if local {
                 local_only.clone()
             } else {
                 all.clone()
             };
-            out.push((
-                Frontend {
-                    addr,
-                    port: number,
-                    proto,
-                },
-                FrontendSpec {
-                    service: name.clone(),
-                    kind,
-                    backends,
-                    algorithm,
-                    affinity_timeout,
-                },
-            ));
+            // Traffic from inside the cluster to an external frontend of
+            // an eTP=Local Service goes to every endpoint, as kube-proxy
+            // sends it to the Service's cluster chain; only where that
+            // differs does it need an entry of its own.
+            let internal = (local && kind.external() && backends != all).then(|| all.clone());
+            let frontend = Frontend {
+                addr,
+                port: number,
+                proto,
+                scope: Scope::External,
+            };
+            let spec = FrontendSpec {
+                service: name.clone(),
+                kind,
+                endpoints_elsewhere: local && backends.is_empty() && !all.is_empty(),
+                backends,
+                algorithm,
+                affinity_timeout,
+                internal_scope: internal.is_some(),
+            };
+            let internal_spec = internal.map(|all| FrontendSpec {
+                backends: all,
+                internal_scope: false,
+                endpoints_elsewhere: false,
+                ..spec.clone()
+            });
+            out.push((frontend, spec));
+            if let Some(internal_spec) = internal_spec {
+                let internal = Frontend {
+                    scope: Scope::Internal,
+                    ..frontend
+                };
+                out.push((internal, internal_spec));
+            }
         };
         for (addr, kind) in &addresses {
             push(*addr, port.port, *kind);
@@ -392,6 +464,7 @@ pub fn hostport_frontends(
                     addr,
                     port: host_port,
                     proto,
+                    scope: Scope::External,
                 },
                 FrontendSpec {
                     service: format!("hostport:{pod_name}"),
@@ -399,6 +472,8 @@ pub fn hostport_frontends(
                     backends: backends.clone(),
                     algorithm: Algorithm::Random,
                     affinity_timeout: None,
+                    internal_scope: false,
+                    endpoints_elsewhere: false,
                 },
             ));
         }
@@ -715,16 +790,13 @@ mod tests {
             &[("", Protocol::Tcp, 80)],
         );
         let fe = service_frontends(&s, [&sl], &node());
-        let cluster_ip = &fe
-            .iter()
-            .find(|(_, s)| s.kind == FrontendKind::ClusterIp)
-            .expect("ClusterIP")
-            .1;
-        let node_port = &fe
-            .iter()
-            .find(|(_, s)| s.kind == FrontendKind::NodePort)
-            .expect("NodePort")
-            .1;
+        let find = |fe: &[(Frontend, FrontendSpec)], kind, scope| {
+            fe.iter()
+                .find(|(f, s)| s.kind == kind && f.scope == scope)
+                .map(|(_, s)| s.clone())
+        };
+        let cluster_ip = find(&fe, FrontendKind::ClusterIp, Scope::External).expect("ClusterIP");
+        let node_port = find(&fe, FrontendKind::NodePort, Scope::External).expect("NodePort");
         assert_eq!(
             cluster_ip.backends.len(),
             2,
@@ -739,7 +811,89 @@ mod tests {
 
         s.internal_traffic_policy = TrafficPolicy::Local as i32;
         let fe = service_frontends(&s, [&sl], &node());
-        assert!(fe.iter().all(|(_, spec)| spec.backends.len() == 1));
+        assert!(
+            fe.iter()
+                .filter(|(f, _)| f.scope == Scope::External)
+                .all(|(_, spec)| spec.backends.len() == 1)
+        );
+        // The NodePort's internal entry follows neither policy.
+        let internal = find(&fe, FrontendKind::NodePort, Scope::Internal).expect("internal");
+        assert_eq!(internal.backends.len(), 2);
+
+        // A node with none of the endpoints drops what the policies keep
+        // from it, as kube-proxy does, rather than rejecting it.
+        let elsewhere = slice(
+            &[("10.244.1.5", true, true, false, "n2")],
+            &[("", Protocol::Tcp, 80)],
+        );
+        let fe = service_frontends(&s, [&elsewhere], &node());
+        let cluster_ip = find(&fe, FrontendKind::ClusterIp, Scope::External).expect("ClusterIP");
+        assert!(cluster_ip.backends.is_empty() && cluster_ip.endpoints_elsewhere);
+    }
+
+    /// kube-proxy (since 1.24) applies externalTrafficPolicy: Local to
+    /// traffic from outside the cluster only: pods and nodes reaching a
+    /// NodePort, ExternalIP or LoadBalancer address get every endpoint.
+    #[test]
+    fn a_local_external_policy_leaves_internal_clients_every_endpoint() {
+        let mut s = svc(&["10.96.0.10"], &[("", Protocol::Tcp, 80)]);
+        s.r#type = ServiceType::LoadBalancer as i32;
+        s.ports[0].node_port = 30080;
+        s.external_ips = vec!["192.0.2.10".into()];
+        s.load_balancer_ips = vec!["198.51.100.7".into()];
+        s.external_traffic_policy = TrafficPolicy::Local as i32;
+        let elsewhere = slice(
+            &[("10.244.1.5", true, true, false, "n2")],
+            &[("", Protocol::Tcp, 80)],
+        );
+        let fe = service_frontends(&s, [&elsewhere], &node());
+        let entries: Vec<String> = fe
+            .iter()
+            .map(|(f, spec)| {
+                format!(
+                    "{f} {} backends{}{}",
+                    spec.backends.len(),
+                    if spec.internal_scope {
+                        ", two scopes"
+                    } else {
+                        ""
+                    },
+                    if spec.endpoints_elsewhere {
+                        ", endpoints elsewhere"
+                    } else {
+                        ""
+                    }
+                )
+            })
+            .collect();
+        assert_eq!(
+            entries,
+            vec![
+                "10.96.0.10:80/TCP 1 backends",
+                "192.0.2.10:80/TCP 0 backends, two scopes, endpoints elsewhere",
+                "192.0.2.10:80/TCP (internal) 1 backends",
+                "198.51.100.7:80/TCP 0 backends, two scopes, endpoints elsewhere",
+                "198.51.100.7:80/TCP (internal) 1 backends",
+                "172.31.0.11:30080/TCP 0 backends, two scopes, endpoints elsewhere",
+                "172.31.0.11:30080/TCP (internal) 1 backends",
+            ]
+        );
+
+        // Every endpoint on this node: one entry serves everyone.
+        let here = slice(
+            &[("10.244.0.5", true, true, false, "n1")],
+            &[("", Protocol::Tcp, 80)],
+        );
+        let fe = service_frontends(&s, [&here], &node());
+        assert!(fe.iter().all(|(f, spec)| f.scope == Scope::External
+            && !spec.internal_scope
+            && spec.backends.len() == 1));
+
+        // No endpoint anywhere: nothing is elsewhere, so it is rejected.
+        let fe = service_frontends(&s, [], &node());
+        assert!(fe.iter().all(|(f, spec)| f.scope == Scope::External
+            && !spec.internal_scope
+            && !spec.endpoints_elsewhere));
     }
 
     #[test]

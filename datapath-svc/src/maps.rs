@@ -87,6 +87,21 @@ pub mod svc_flags {
     pub const TERMINATING_ONLY: u8 = 1 << 6;
 }
 
+/// `lb4_service.flags2`
+pub mod svc_flags2 {
+    /// Internal clients have their own entry, at `scope::INTERNAL`.
+    pub const TWO_SCOPES: u8 = 1 << 0;
+    /// A Local traffic policy leaves the entry no backend while the Service
+    /// has endpoints on other nodes: packets are dropped, not rejected.
+    pub const ENDPOINTS_ELSEWHERE: u8 = 1 << 1;
+}
+
+/// `lb4_key.scope`
+pub mod scope {
+    pub const EXTERNAL: u8 = 0;
+    pub const INTERNAL: u8 = 1;
+}
+
 /// `lb4_backend.flags`
 pub mod backend_flags {
     pub const TERMINATING: u8 = 1 << 0;
@@ -115,7 +130,8 @@ pub struct Lb4Service {
     pub rev_nat_index: u16,
     pub flags: u8,
     pub algorithm: u8,
-    pub pad: u16,
+    pub flags2: u8,
+    pub pad: u8,
     pub affinity_timeout: u32,
 }
 
@@ -483,6 +499,7 @@ mod tests {
                 rev_nat_index,
                 flags,
                 algorithm,
+                flags2,
                 affinity_timeout
             ),
             "lb4_backend" => layout!(Lb4Backend, address, port, proto, flags),

@@ -10,11 +10,11 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::{
-    lb::{Algorithm, Backend, Frontend, FrontendKind, FrontendSpec, Proto},
+    lb::{Algorithm, Backend, Frontend, FrontendKind, FrontendSpec, Proto, Scope},
     maglev,
     maps::{
         Lb4Backend, Lb4Key, Lb4MaglevBlock, Lb4MaglevKey, Lb4ReverseNat, Lb4Service, MAGLEV_BLOCK,
-        addr_from_be, backend_flags, be_addr, be_port, port_from_be, svc_flags,
+        addr_from_be, backend_flags, be_addr, be_port, port_from_be, svc_flags, svc_flags2,
     },
 };
 
@@ -115,8 +115,21 @@ fn master_key(f: &Frontend, slot: u16) -> Lb4Key {
         dport: be_port(f.port),
         backend_slot: slot,
         proto: f.proto.number(),
+        scope: f.scope.number(),
         ..Default::default()
     }
+}
+
+/// The master entry's second flags byte for `spec`.
+fn master_flags2(spec: &FrontendSpec) -> u8 {
+    let mut flags2 = 0;
+    if spec.internal_scope {
+        flags2 |= svc_flags2::TWO_SCOPES;
+    }
+    if spec.endpoints_elsewhere {
+        flags2 |= svc_flags2::ENDPOINTS_ELSEWHERE;
+    }
+    flags2
 }
 
 impl<M: LbMaps> LbSync<M> {
@@ -156,13 +169,16 @@ impl<M: LbMaps> LbSync<M> {
         }
         let mut slots: BTreeMap<Frontend, BTreeMap<u16, u32>> = BTreeMap::new();
         for (key, value) in s.maps.services()? {
-            let Some(proto) = Proto::from_number(key.proto) else {
+            let (Some(proto), Some(scope)) =
+                (Proto::from_number(key.proto), Scope::from_number(key.scope))
+            else {
                 continue;
             };
             let f = Frontend {
                 addr: addr_from_be(key.address),
                 port: port_from_be(key.dport),
                 proto,
+                scope,
             };
             if key.backend_slot == 0 {
                 s.frontends.insert(
@@ -382,6 +398,7 @@ impl<M: LbMaps> LbSync<M> {
             rev_nat_index: rev_nat,
             flags,
             algorithm: spec.algorithm.number(),
+            flags2: master_flags2(spec),
             pad: 0,
             affinity_timeout: spec.affinity_timeout.unwrap_or(0),
         };
@@ -674,6 +691,7 @@ pub fn verify<M: LbMaps>(
             || master.affinity_timeout != spec.affinity_timeout.unwrap_or(0)
             || (master.flags & svc_flags::AFFINITY != 0) != spec.affinity_timeout.is_some()
             || (master.flags & svc_flags::TERMINATING_ONLY != 0) != spec.terminating_only()
+            || master.flags2 != master_flags2(spec)
         {
             return Err(format!(
                 "{f}: master entry {master:?} does not match {spec:?}"
@@ -763,6 +781,14 @@ mod tests {
             addr: Ipv4Addr::new(10, 96, 0, i),
             port: 80,
             proto: Proto::Tcp,
+            scope: Scope::External,
+        }
+    }
+
+    fn internal(i: u8) -> Frontend {
+        Frontend {
+            scope: Scope::Internal,
+            ..fe(i)
         }
     }
 
@@ -788,6 +814,8 @@ mod tests {
                 .collect(),
             algorithm,
             affinity_timeout: affinity,
+            internal_scope: false,
+            endpoints_elsewhere: false,
         }
     }
 
@@ -848,6 +876,49 @@ mod tests {
     }
 
     #[test]
+    fn an_internal_scope_is_a_frontend_of_its_own() {
+        let mut s = fresh();
+        let external = FrontendSpec {
+            internal_scope: true,
+            endpoints_elsewhere: true,
+            ..spec(&[])
+        };
+        let everyone = spec_with(&[(1, false), (2, false)], Algorithm::Maglev, None);
+        let desired = BTreeMap::from([(fe(1), external.clone()), (internal(1), everyone)]);
+        for (f, d) in &desired {
+            s.apply(*f, Some(d)).expect("apply");
+        }
+        verify(s.maps(), &desired, CFG).expect("maps match");
+        let master = s.maps().services[&master_key(&fe(1), 0)];
+        assert_eq!(master.count, 0);
+        assert_eq!(
+            master.flags2,
+            svc_flags2::TWO_SCOPES | svc_flags2::ENDPOINTS_ELSEWHERE
+        );
+        let inner = s.maps().services[&master_key(&internal(1), 0)];
+        assert_eq!((inner.count, inner.flags2), (2, 0));
+        assert_ne!(
+            master.rev_nat_index, inner.rev_nat_index,
+            "each scope has its own Maglev table and affinity"
+        );
+
+        let again = LbSync::restore(s.maps().clone(), CFG).expect("restore");
+        assert_eq!(
+            again.programmed().keys().copied().collect::<Vec<_>>(),
+            vec![fe(1), internal(1)],
+            "both scopes are adopted"
+        );
+        s.apply(internal(1), None).expect("remove");
+        s.apply(fe(1), Some(&spec(&[(1, false)]))).expect("apply");
+        verify(
+            s.maps(),
+            &BTreeMap::from([(fe(1), spec(&[(1, false)]))]),
+            CFG,
+        )
+        .expect("maps match");
+    }
+
+    #[test]
     fn a_restart_adopts_the_maps_without_rewriting_them() {
         let mut s = fresh();
         let d = spec(&[(1, false), (2, false)]);
@@ -864,8 +935,9 @@ mod tests {
             proptest::collection::vec((1u8..12, any::<bool>()), 0..6),
             any::<bool>(),
             proptest::option::of(1u32..100),
+            any::<(bool, bool)>(),
         )
-            .prop_map(|(mut bs, maglev, affinity)| {
+            .prop_map(|(mut bs, maglev, affinity, (two_scopes, elsewhere))| {
                 bs.sort();
                 bs.dedup_by_key(|b| b.0);
                 let alg = if maglev {
@@ -873,7 +945,11 @@ mod tests {
                 } else {
                     Algorithm::Random
                 };
-                spec_with(&bs, alg, affinity)
+                FrontendSpec {
+                    internal_scope: two_scopes,
+                    endpoints_elsewhere: elsewhere,
+                    ..spec_with(&bs, alg, affinity)
+                }
             })
     }
 
@@ -883,7 +959,10 @@ mod tests {
         #[test]
         fn maps_always_end_equal_to_the_desired_state(
             steps in proptest::collection::vec(
-                (proptest::collection::btree_map(1u8..6, arb_spec(), 0..5), any::<bool>()),
+                (
+                    proptest::collection::btree_map((1u8..6, any::<bool>()), arb_spec(), 0..5),
+                    any::<bool>(),
+                ),
                 1..8,
             )
         ) {
@@ -892,8 +971,10 @@ mod tests {
                 if restart {
                     s = LbSync::restore(s.maps().clone(), CFG).expect("restore");
                 }
-                let desired: BTreeMap<Frontend, FrontendSpec> =
-                    state.into_iter().map(|(f, spec)| (fe(f), spec)).collect();
+                let desired: BTreeMap<Frontend, FrontendSpec> = state
+                    .into_iter()
+                    .map(|((f, inner), spec)| (if inner { internal(f) } else { fe(f) }, spec))
+                    .collect();
                 for (f, d) in &desired {
                     s.apply(*f, Some(d)).expect("apply");
                 }

@@ -7,6 +7,14 @@
  * master and removes stale ones after, so a reader never sees a slot that is
  * not yet written. Backends are shared by id; a frontend's rev_nat_index
  * names it in the reverse-NAT, Maglev and affinity maps.
+ *
+ * A frontend may have a second entry, at scope LB_SCOPE_INTERNAL, with its
+ * own rev_nat_index, slots and Maglev table: the backends for clients inside
+ * the cluster where they differ from those for traffic from outside (an
+ * externalTrafficPolicy: Local Service with endpoints on other nodes, which
+ * kube-proxy, since 1.24, sends internal traffic to as if the policy were
+ * Cluster). Every lookup starts at scope LB_SCOPE_EXTERNAL; its master entry
+ * says with SVC_FLAG2_TWO_SCOPES that internal clients look further.
  */
 #ifndef WEFT_LB_H
 #define WEFT_LB_H
@@ -29,6 +37,19 @@
 /* No backend is ready: the slots hold the serving terminating ones, which
  * then take new connections (kube-proxy's fallback, KEP-1669). */
 #define SVC_FLAG_TERMINATING_ONLY (1 << 6)
+
+/* lb4_service.flags2 (flags has no bit left) */
+/* Internal clients have their own entry at LB_SCOPE_INTERNAL. */
+#define SVC_FLAG2_TWO_SCOPES (1 << 0)
+/* A Local traffic policy leaves this entry no backend while the Service
+ * has endpoints on other nodes: a packet is dropped, as kube-proxy drops
+ * it ("has no local endpoints"), not rejected as for a Service with no
+ * endpoints at all. */
+#define SVC_FLAG2_ENDPOINTS_ELSEWHERE (1 << 1)
+
+/* lb4_key.scope */
+#define LB_SCOPE_EXTERNAL 0 /* every frontend's entry; the only one for outside traffic */
+#define LB_SCOPE_INTERNAL 1 /* with SVC_FLAG2_TWO_SCOPES: clients inside the cluster */
 /* Frontends that take traffic arriving from outside the node. */
 #define SVC_FLAGS_EXTERNAL (SVC_FLAG_NODE_PORT | SVC_FLAG_EXTERNAL_IP | SVC_FLAG_LOAD_BALANCER | SVC_FLAG_HOST_PORT)
 
@@ -47,7 +68,7 @@ struct lb4_key {
 	__be16 dport;       /* frontend port, network order */
 	__u16 backend_slot; /* 0: the master entry; 1..=count: backends */
 	__u8 proto;         /* IPPROTO_TCP or IPPROTO_UDP */
-	__u8 scope;         /* reserved; 0 */
+	__u8 scope;         /* LB_SCOPE_* */
 	__u8 pad[2];
 };
 
@@ -57,7 +78,8 @@ struct lb4_service {
 	__u16 rev_nat_index;
 	__u8 flags;         /* SVC_FLAG_* */
 	__u8 algorithm;     /* LB_ALG_* */
-	__u16 pad;
+	__u8 flags2;        /* SVC_FLAG2_* */
+	__u8 pad;
 	__u32 affinity_timeout; /* seconds, with SVC_FLAG_AFFINITY */
 };
 
@@ -143,16 +165,26 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weft_lb4_affinity SEC(".maps");
 
-static __always_inline struct lb4_service *lb4_lookup_service(__be32 addr, __be16 port, __u8 proto)
+/* The master entry of the frontend `key` names (address, port, protocol)
+ * for a client of `scope`. On return key->scope is the scope of the entry
+ * found, which its slots share. An internal entry missing while the
+ * external one says there is one (a moment of an update) leaves the
+ * external one in charge. */
+static __always_inline struct lb4_service *lb4_lookup_service(struct lb4_key *key, __u8 scope)
 {
-	struct lb4_key key = {
-		.address = addr,
-		.dport = port,
-		.backend_slot = 0,
-		.proto = proto,
-	};
+	struct lb4_service *svc, *internal;
 
-	return bpf_map_lookup_elem(&weft_lb4_services, &key);
+	key->backend_slot = 0;
+	key->scope = LB_SCOPE_EXTERNAL;
+	svc = bpf_map_lookup_elem(&weft_lb4_services, key);
+	if (!svc || scope != LB_SCOPE_INTERNAL || !(svc->flags2 & SVC_FLAG2_TWO_SCOPES))
+		return svc;
+	key->scope = LB_SCOPE_INTERNAL;
+	internal = bpf_map_lookup_elem(&weft_lb4_services, key);
+	if (internal)
+		return internal;
+	key->scope = LB_SCOPE_EXTERNAL;
+	return svc;
 }
 
 /* A backend that may take a new connection of a frontend with `svc_flags`:
@@ -171,13 +203,9 @@ static __always_inline struct lb4_backend *lb4_usable_backend(__u8 svc_flags, __
 	return be;
 }
 
-static __always_inline __u32 lb4_select_random(__be32 addr, __be16 port, __u8 proto, __u16 count)
+static __always_inline __u32 lb4_select_random(const struct lb4_key *front, __u16 count)
 {
-	struct lb4_key key = {
-		.address = addr,
-		.dport = port,
-		.proto = proto,
-	};
+	struct lb4_key key = *front;
 	struct lb4_service *slot;
 
 	if (count == 0)
@@ -204,10 +232,10 @@ static __always_inline __u32 lb4_select_maglev(__u16 rev_nat_index, __u32 hash)
 	return block->backend_ids[index & (MAGLEV_BLOCK - 1)];
 }
 
-/* Chooses the backend for a new connection of `svc` from `client`:
- * the client's affine backend while it is valid, else by the frontend's
- * algorithm. Returns 0 when there is none. */
-static __always_inline __u32 lb4_select(__be32 addr, __be16 port, __u8 proto, const struct lb4_service *svc,
+/* Chooses the backend for a new connection of `svc` (found at `front` by
+ * lb4_lookup_service) from `client`: the client's affine backend while it
+ * is valid, else by the frontend's algorithm. Returns 0 when there is none. */
+static __always_inline __u32 lb4_select(const struct lb4_key *front, const struct lb4_service *svc,
 					__be32 client, __u32 flow_hash, __u64 now)
 {
 	struct lb4_affinity_key akey = { .client = client, .rev_nat_index = svc->rev_nat_index };
@@ -225,7 +253,7 @@ static __always_inline __u32 lb4_select(__be32 addr, __be16 port, __u8 proto, co
 	if (svc->algorithm == LB_ALG_MAGLEV)
 		id = lb4_select_maglev(svc->rev_nat_index, flow_hash);
 	if (!lb4_usable_backend(svc->flags, id))
-		id = lb4_select_random(addr, port, proto, svc->count);
+		id = lb4_select_random(front, svc->count);
 	if (id && (svc->flags & SVC_FLAG_AFFINITY)) {
 		new_aff.last_used = now;
 		new_aff.backend_id = id;
