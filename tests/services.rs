@@ -1083,6 +1083,17 @@ status:
   loadBalancer:
     ingress:
       - ip: 198.51.100.20
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: client-deny-ingress
+  namespace: default
+spec:
+  podSelector:
+    matchLabels:
+      app: client
+  policyTypes: [Ingress]
 "#;
 
 /// A Service with no endpoints refuses at once on the per-packet paths,
@@ -1090,7 +1101,8 @@ status:
 /// translates, and a client outside the cluster reaching the NodePort,
 /// ExternalIP and LoadBalancer address, get a TCP reset or an ICMP port
 /// unreachable (ECONNREFUSED either way) rather than silence and a
-/// time-out.
+/// time-out. The pod's own ingress policy, which lets nothing in, does not
+/// stop the answer to its own packet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_without_endpoints_refuse_at_once_per_packet_and_from_outside() {
     let lab = TestLab::up_with("reject_no_endpoints", 1, |cfg| {
@@ -1103,13 +1115,42 @@ async fn services_without_endpoints_refuse_at_once_per_packet_and_from_outside()
     lab.manifests
         .apply_yaml("service-nothing.yaml", NOTHING)
         .expect("apply");
-    lab.manifests
-        .apply_yaml(
-            "pod-client.yaml",
-            &pod("client", &[("app", "client")], None, None),
-        )
-        .expect("apply");
-    wait_pods(&lab, &["client"]).await;
+    for name in ["client", "prober"] {
+        lab.manifests
+            .apply_yaml(
+                &format!("pod-{name}.yaml"),
+                &pod(name, &[("app", name)], None, None),
+            )
+            .expect("apply");
+    }
+    wait_pods(&lab, &["prober"]).await;
+    let client_ip = lab
+        .wait_pod_ready("default", "client", Duration::from_secs(60))
+        .await
+        .expect("client ready");
+    let prober = From::Pod("prober").netns(&lab);
+    weft_e2e::eventually(
+        Duration::from_secs(10),
+        "the client's ingress is isolated",
+        || {
+            let prober = prober.clone();
+            async move {
+                let probe = in_pod(&prober, move || {
+                    Ok(tcp_attempt(
+                        SocketAddr::from((client_ip, 8080)),
+                        Duration::from_millis(300),
+                    ))
+                })?;
+                anyhow::ensure!(probe.outcome.is_err(), "the client answers: {probe:?}");
+                Ok(())
+            }
+        },
+    )
+    .await;
+    assert!(
+        packets(&lab, &node, "policy_denied").await > 0,
+        "the probe was refused by the client's policy"
+    );
     let vip = lab.cluster_ip("nothing").await;
     let external_ip: Ipv4Addr = "192.0.2.20".parse().expect("address");
     let lb_ip: Ipv4Addr = "198.51.100.20".parse().expect("address");
