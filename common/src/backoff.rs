@@ -59,6 +59,49 @@ pub async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
+/// Reloads shared state shortly after each tick of `changes` (another
+/// replica changed the store; a burst of ticks costs one reload), retrying
+/// a failed reload with [`store_retry`], until `shutdown`. `what` names the
+/// state in the log. Without a change feed, waits for `shutdown`.
+pub async fn resync_on_changes<E, F, Fut>(
+    changes: Option<tokio::sync::watch::Receiver<u64>>,
+    debounce: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+    what: &str,
+    mut resync: F,
+) where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+{
+    let Some(mut changes) = changes else {
+        shutdown.cancelled().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = changes.changed() => if r.is_err() { return },
+        }
+        let mut backoff = store_retry();
+        let mut delay = debounce;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            changes.borrow_and_update();
+            match resync().await {
+                Ok(()) => break,
+                Err(e) => {
+                    delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?delay, "reloading {what} failed");
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

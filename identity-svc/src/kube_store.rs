@@ -128,18 +128,7 @@ impl KubeIdentityStore {
         let api: Api<SecurityIdentity> = Api::all(client);
         let seen: Arc<Mutex<SeenMap>> = Arc::default();
         let (tx, changes) = watch::channel(0u64);
-        let known = {
-            let seen = seen.clone();
-            move |o: &SecurityIdentity, deleted: bool| {
-                let Some(id) = id_of(o) else { return true };
-                let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
-                let at = revision(&o.metadata).ok();
-                match seen.get(&id) {
-                    Some(s) => !deleted && Some(s.rv) == at,
-                    None => deleted,
-                }
-            }
-        };
+        let known = weft_k8s::follow::known_at_revision(seen.clone(), id_of, |s: &Seen| s.rv);
         tokio::spawn(weft_k8s::follow::changes(
             api.clone(),
             health.clone(),

@@ -191,32 +191,10 @@ async fn resync_on_changes<S: store::IdentityStore>(
     changes: Option<tokio::sync::watch::Receiver<u64>>,
     shutdown: CancellationToken,
 ) {
-    let Some(mut changes) = changes else {
-        shutdown.cancelled().await;
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = changes.changed() => if r.is_err() { return },
-        }
-        let mut backoff = backoff::store_retry();
-        let mut delay = RESYNC_DEBOUNCE;
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
-            }
-            changes.borrow_and_update();
-            match ids.resync().await {
-                Ok(()) => break,
-                Err(e) => {
-                    delay = backoff.next_delay();
-                    tracing::warn!(error = %e, retry_in = ?delay, "reloading the identities failed");
-                }
-            }
-        }
-    }
+    backoff::resync_on_changes(changes, RESYNC_DEBOUNCE, shutdown, "the identities", || {
+        ids.resync()
+    })
+    .await
 }
 
 /// Sweeps unreferenced identities every `interval`.

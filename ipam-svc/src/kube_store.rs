@@ -105,17 +105,11 @@ impl KubeCidrStore {
         let api: Api<NodeCIDR> = Api::all(client.clone());
         let seen: Arc<Mutex<BTreeMap<String, Seen>>> = Arc::default();
         let (tx, changes) = watch::channel(0u64);
-        let known = {
-            let seen = seen.clone();
-            move |o: &NodeCIDR, deleted: bool| {
-                let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
-                let at = revision(&o.metadata).ok();
-                match seen.get(&o.name_any()) {
-                    Some(s) => !deleted && Some(s.rv) == at,
-                    None => deleted,
-                }
-            }
-        };
+        let known = weft_k8s::follow::known_at_revision(
+            seen.clone(),
+            |o: &NodeCIDR| Some(o.name_any()),
+            |s: &Seen| s.rv,
+        );
         tokio::spawn(weft_k8s::follow::changes(
             api.clone(),
             health.clone(),

@@ -157,33 +157,14 @@ pub async fn serve_with<S: store::CidrStore>(
         let ipam = ipam.clone();
         let shutdown = shutdown.clone();
         async move {
-            let Some(mut changes) = changes else {
-                return;
-            };
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    r = changes.changed() => if r.is_err() { return },
-                }
-                // A failed reload (the store has trouble) is tried again
-                // after a back-off.
-                let mut backoff = backoff::store_retry();
-                let mut delay = RESYNC_DEBOUNCE;
-                loop {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                    changes.borrow_and_update();
-                    match ipam.resync().await {
-                        Ok(()) => break,
-                        Err(e) => {
-                            delay = backoff.next_delay();
-                            tracing::warn!(error = %e, retry_in = ?delay, "reloading the allocations failed");
-                        }
-                    }
-                }
-            }
+            backoff::resync_on_changes(
+                changes,
+                RESYNC_DEBOUNCE,
+                shutdown,
+                "the allocations",
+                || ipam.resync(),
+            )
+            .await
         }
     });
 

@@ -1,7 +1,11 @@
 //! Following a store's own custom resources, to hear of what other replicas
 //! wrote.
 
-use std::fmt::Debug;
+use std::{
+    collections::BTreeMap,
+    fmt::Debug,
+    sync::{Arc, Mutex},
+};
 
 use futures::StreamExt as _;
 use kube::{Api, runtime::watcher};
@@ -66,6 +70,30 @@ pub async fn changes<K>(
         };
         if changed {
             tx.send_modify(|n| *n += 1);
+        }
+    }
+}
+
+/// The `known` of [`changes`] for a store that remembers, per object key,
+/// the revision it last read or wrote: an object is known when it is at
+/// that revision (and not deleted), or when a deleted one is already
+/// forgotten. `key` names an object (`None`: not one of the store's, so
+/// nothing to react to); `rv` reads the remembered revision.
+pub fn known_at_revision<K, Key: Ord, V>(
+    seen: Arc<Mutex<BTreeMap<Key, V>>>,
+    key: impl Fn(&K) -> Option<Key>,
+    rv: impl Fn(&V) -> u64,
+) -> impl Fn(&K, bool) -> bool
+where
+    K: kube::Resource,
+{
+    move |o: &K, deleted: bool| {
+        let Some(k) = key(o) else { return true };
+        let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+        let at = crate::api::revision(o.meta()).ok();
+        match seen.get(&k) {
+            Some(s) => !deleted && Some(rv(s)) == at,
+            None => deleted,
         }
     }
 }
