@@ -99,6 +99,14 @@ fn non_default_values_reach_the_rendered_manifests() {
         "{args:?}"
     );
     assert!(args.contains(&"--otlp-endpoint=http://otel-collector.monitoring:4317".to_string()));
+    for arg in ["--api-retry-budget=90s", "--api-unready-after=20s"] {
+        assert!(args.contains(&arg.to_string()), "{arg}: {args:?}");
+    }
+    let watcher = find(&docs, "Deployment", "weft-svc-watcher");
+    assert!(
+        strings(&container(watcher, "svc-watcher")["args"])
+            .contains(&"--watch-unready-after=15s".to_string())
+    );
     let datapath = find(&docs, "DaemonSet", "weft-datapath");
     let image = container(datapath, "datapath-svc")["image"]
         .as_str()
@@ -171,9 +179,14 @@ fn non_default_values_reach_the_rendered_manifests() {
     let sa = find(&docs, "ServiceAccount", "weft-datapath");
     assert_eq!(sa["automountServiceAccountToken"].as_bool(), Some(false));
     let ipam = find(&docs, "Deployment", "weft-ipam-svc");
-    assert!(
-        strings(&container(ipam, "ipam-svc")["args"]).contains(&"--store=kubernetes".to_string())
-    );
+    let ipam_args = strings(&container(ipam, "ipam-svc")["args"]);
+    for arg in [
+        "--store=kubernetes",
+        "--api-retry-budget=60s",
+        "--api-unready-after=10s",
+    ] {
+        assert!(ipam_args.contains(&arg.to_string()), "{arg}: {ipam_args:?}");
+    }
     assert!(
         pod_spec(ipam)["volumes"].is_null(),
         "no state volume without sled"
