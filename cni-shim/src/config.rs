@@ -78,7 +78,7 @@ fn refuse_unknown_keys(obj: &Map<String, Value>) -> Result<(), CniError> {
         .chain(SPEC_KEYS)
         .map(|k| {
             (
-                edit_distance(&key.to_ascii_lowercase(), &k.to_ascii_lowercase()),
+                strsim::levenshtein(&key.to_ascii_lowercase(), &k.to_ascii_lowercase()),
                 *k,
             )
         })
@@ -95,24 +95,6 @@ fn refuse_unknown_keys(obj: &Map<String, Value>) -> Result<(), CniError> {
         format!("unknown key {key:?} in weft-cni's config (value {shown}){near}"),
     )
     .with_details(format!("weft-cni's own keys are {}", WEFT_KEYS.join(", "))))
-}
-
-/// Levenshtein distance, for suggesting the key meant.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut diagonal = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let above = row[j + 1];
-            row[j + 1] = (above + 1)
-                .min(row[j] + 1)
-                .min(diagonal + usize::from(ca != *cb));
-            diagonal = above;
-        }
-    }
-    row[b.len()]
 }
 
 /// A CNI spec version this plugin speaks.
